@@ -1,0 +1,143 @@
+"""Typed, validated models of `params.yaml`: the only code that reads the params file.
+
+One pydantic model per section, `extra="forbid"`, every field with a default, bounds and a
+one-line description. `load_params()` turns any problem into a `ConfigError` whose message names
+the file, the key, the value and what is allowed; entry points exit with code 2 on it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = "params.yaml"
+EXIT_USAGE = 2
+
+
+class ConfigError(ValueError):
+    """A bad params file or value; the message says what and where. Exit code 2."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(Section):
+    base: str = Field("smollm2", description="'smollm2' (the embedded SmolLM2-135M-Instruct GGUF) or a local Hugging Face model directory")
+    dir: str = Field("models/base", description="where the base_model stage writes the safetensors copy")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype when loading for inference")
+
+
+class CrafterParams(Section):
+    max_steps: int = Field(2000, ge=1, description="episode cap in steps (BALROG: 2000)")
+    area: int = Field(64, ge=16, description="world size in tiles (square)")
+    edge_only: list[str] = Field(default_factory=lambda: ["water", "lava"], description="materials listed only by their edge tiles")
+
+
+class PogsParams(Section):
+    num_nodes: int = Field(20, ge=2, description="nodes in the random labelled tree")
+    k: int = Field(2, ge=1, description="visibility radius in hops")
+    max_steps: int = Field(30, ge=1, description="episode cap in steps")
+    hard: bool = Field(True, description="keep only graphs where the symbolic explorer backtracks")
+    min_backtracks: int = Field(1, ge=0, description="backtracks the symbolic explorer must need in hard mode")
+
+
+class EnvsParams(Section):
+    crafter: CrafterParams = CrafterParams()
+    pogs: PogsParams = PogsParams()
+
+
+class PromptParams(Section):
+    history_len: int = Field(2, ge=0, description="past observations and actions kept in the prompt (paper scale: 16)")
+    max_prompt_tokens: int = Field(768, ge=64, description="token budget of the prompt; the oldest history goes first")
+    max_new_tokens: int = Field(96, ge=1, description="cap on the tokens of one answer (plan plus action)")
+
+
+class SeedsParams(Section):
+    train_start: int = Field(0, ge=0, description="first env seed used for teacher data and training")
+    eval_start: int = Field(1_000_000, ge=0, description="first held-out env seed used for evaluation and promotion")
+
+
+class GenerateParams(Section):
+    seed: int = Field(0, description="seed of the plan-interval and teacher generators")
+    crafter_episodes: int = Field(8, ge=0, description="Crafter expert episodes")
+    crafter_max_steps: int = Field(200, ge=1, description="Crafter steps per teacher episode")
+    pogs_episodes: int = Field(40, ge=0, description="POGS expert episodes")
+    plan_interval_min: int = Field(2, ge=1, description="smallest gap between two teacher plans")
+    plan_interval_max: int = Field(12, ge=1, description="largest gap between two teacher plans")
+    episodes_per_shard: int = Field(4, ge=1, description="episodes per Parquet shard")
+    workers: int = Field(2, ge=1, description="processes that generate shards in parallel")
+
+    @model_validator(mode="after")
+    def _interval_order(self) -> "GenerateParams":
+        if self.plan_interval_min > self.plan_interval_max:
+            raise ValueError(
+                f"plan_interval_min={self.plan_interval_min} must be <= plan_interval_max={self.plan_interval_max}"
+            )
+        return self
+
+
+class ValidateParams(Section):
+    plan_min_chars: int = Field(8, ge=1, description="shortest allowed plan text")
+    plan_max_chars: int = Field(600, ge=1, le=2000, description="longest allowed plan text")
+    max_seq_len: int = Field(1024, ge=64, description="prompt plus target must fit in this many tokens")
+
+
+class Params(Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    model: ModelParams = ModelParams()
+    envs: EnvsParams = EnvsParams()
+    prompt: PromptParams = PromptParams()
+    seeds: SeedsParams = SeedsParams()
+    generate: GenerateParams = GenerateParams()
+    # `validate` would shadow pydantic's BaseModel.validate: the attribute is `validation`.
+    validation: ValidateParams = Field(ValidateParams(), alias="validate")
+
+    @model_validator(mode="after")
+    def _seeds_disjoint(self) -> "Params":
+        train_end = self.seeds.train_start + max(self.generate.crafter_episodes, self.generate.pogs_episodes)
+        if self.seeds.train_start <= self.seeds.eval_start < train_end:
+            raise ValueError(
+                f"seeds.eval_start={self.seeds.eval_start} falls inside the training seeds "
+                f"[{self.seeds.train_start}, {train_end}); move it to >= {train_end}"
+            )
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid params in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (typo?); remove it or use one of the documented keys")
+            continue
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {key}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> Params:
+    """Read and validate a params file; raises ConfigError (exit code 2) on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path} (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, str(path))
