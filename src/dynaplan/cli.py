@@ -15,6 +15,8 @@ from dynaplan.config import EXIT_USAGE, ConfigError, load_params
 app = typer.Typer(help="dynaplan: train LLM agents that decide when to plan.", no_args_is_help=True)
 params_app = typer.Typer(help="Inspect and validate params.yaml.", no_args_is_help=True)
 app.add_typer(params_app, name="params")
+train_app = typer.Typer(help="Train agents: `train sft`, `train ppo`.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 console = Console()
 err_console = Console(stderr=True)
 
