@@ -87,6 +87,31 @@ class ValidateParams(Section):
     max_seq_len: int = Field(1024, ge=64, description="prompt plus target must fit in this many tokens")
 
 
+class EvaluateParams(Section):
+    seed: int = Field(0, description="policy seed of attempt 0 (sampling, teacher plan intervals, random actions); later best-of-N attempts derive theirs from it")
+    env: Literal["crafter", "pogs"] = Field("crafter", description="env of the LLM evaluations (Goldilocks sweep, best-of-N); baselines run both")
+    episodes: int = Field(2, ge=1, le=100_000, description="held-out seeds per LLM evaluation (seeds.eval_start ..); paper scale: 100")
+    baseline_episodes: int = Field(20, ge=1, le=100_000, description="held-out seeds for the scripted expert and random baselines (cheap, full-length episodes)")
+    num_envs: int = Field(16, ge=1, le=4096, description="envs stepped in lockstep, one batched generation per step")
+    crafter_max_steps: int = Field(16, ge=1, description="cap on Crafter steps for LLM policies (CPU budget; paper scale: envs.crafter.max_steps)")
+    temperature: float = Field(1.0, ge=0.0, le=5.0, description="sampling temperature of LLM policies (0 = greedy)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling of LLM policies")
+    max_new_tokens: int = Field(48, ge=1, le=8192, description="cap on the tokens of one answer during evaluation")
+    backend: Literal["hf", "openai", "vllm"] = Field("hf", description="model backend for LLM policies")
+    mode: Literal["dynamic", "every_k", "never", "always"] = Field("dynamic", description="planning mode of a plain `dynaplan evaluate --policy model`")
+    k: int = Field(4, ge=1, description="planning interval of every_k")
+    intervals: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1, description="fixed planning intervals of the Goldilocks sweep (plus never and dynamic)")
+    best_of: int = Field(2, ge=1, le=1000, description="attempts per seed in the best-of-N evaluations")
+    plans_file: str = Field("plans/crafter_human.yaml", min_length=1, description="human plans (YAML list of {plan, until}) for the steered best-of-N evaluation")
+
+    @model_validator(mode="after")
+    def _intervals_positive(self) -> "EvaluateParams":
+        bad = [k for k in self.intervals if k < 1]
+        if bad:
+            raise ValueError(f"intervals must all be >= 1, got {bad}")
+        return self
+
+
 class Params(Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -97,6 +122,7 @@ class Params(Section):
     generate: GenerateParams = GenerateParams()
     # `validate` would shadow pydantic's BaseModel.validate: the attribute is `validation`.
     validation: ValidateParams = Field(ValidateParams(), alias="validate")
+    evaluate: EvaluateParams = EvaluateParams()
 
     @model_validator(mode="after")
     def _seeds_disjoint(self) -> "Params":
