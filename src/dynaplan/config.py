@@ -112,6 +112,15 @@ class EvaluateParams(Section):
         return self
 
 
+class PromoteParams(Section):
+    model_name: str = Field("dynaplan-agent", min_length=1, description="registered model whose `challenger` may replace its `champion`")
+    env: Literal["crafter", "pogs"] = Field("pogs", description="env of the held-out comparison")
+    episodes: int = Field(10, ge=2, le=10_000, description="held-out seeds seeds.eval_start .. +episodes-1, the same for both versions")
+    margin_se: float = Field(1.0, ge=0.0, description="promote only if mean progression gain > margin_se x paired standard error")
+    max_tokens_per_episode: float = Field(20_000, gt=0, description="budget of generated tokens (plans + actions) per episode for the candidate")
+    evaluate_missing: bool = Field(True, description="evaluate a version that has no stored held-out evaluation (else refuse)")
+
+
 class Params(Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -122,6 +131,7 @@ class Params(Section):
     generate: GenerateParams = GenerateParams()
     # `validate` would shadow pydantic's BaseModel.validate: the attribute is `validation`.
     validation: ValidateParams = Field(ValidateParams(), alias="validate")
+    promote: PromoteParams = PromoteParams()
     evaluate: EvaluateParams = EvaluateParams()
 
     @model_validator(mode="after")

@@ -290,3 +290,39 @@ def log_artifact(path: str | os.PathLike[str], artifact_path: str | None = None)
         mlflow.log_artifacts(str(path), artifact_path=artifact_path)
     else:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+# --- model registry aliases and version tags (used by the promotion gate, dynaplan.promotion) ---
+
+
+def version_for_alias(model_name: str, alias: str) -> str | None:
+    """The version number that `alias` points at, or None if the model or the alias is absent."""
+    mlflow = _mlflow()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(model_name, alias).version)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def version_tags(model_name: str, version: str) -> dict[str, str]:
+    mlflow = _mlflow()
+    return dict(mlflow.MlflowClient().get_model_version(model_name, str(version)).tags or {})
+
+
+def set_version_tags(model_name: str, version: str, tags: Mapping[str, Any]) -> None:
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, str(version), key, value if isinstance(value, str) else json.dumps(value))
+
+
+def set_alias(model_name: str, alias: str, version: str) -> None:
+    _mlflow().MlflowClient().set_registered_model_alias(model_name, alias, str(version))
+
+
+def delete_alias(model_name: str, alias: str) -> None:
+    _mlflow().MlflowClient().delete_registered_model_alias(model_name, alias)
