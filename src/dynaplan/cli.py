@@ -36,5 +36,116 @@ def params_check(params: Path = typer.Option(Path("params.yaml"), help="params f
     console.print(f"[green]ok[/]: {params} is valid")
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    policy: str = typer.Option("model", help="expert | random | model"),
+    env: str = typer.Option(None, help="crafter | pogs (default: evaluate.env)"),
+    model: str = typer.Option(None, help="model dir or models:/dynaplan-agent/<version|@alias> (default: model.dir)"),
+    adapter: str = typer.Option(None, help="LoRA adapter dir on top of --model"),
+    backend: str = typer.Option(None, help="hf | openai | vllm (default: evaluate.backend)"),
+    base_url: str = typer.Option(None, help="openai backend: server base URL, e.g. http://127.0.0.1:8000/v1"),
+    mode: str = typer.Option(None, help="dynamic | every_k | never | always (default: evaluate.mode)"),
+    k: int = typer.Option(None, help="planning interval for every_k (default: evaluate.k)"),
+    plans: str = typer.Option(None, help="human plans file (YAML) injected into the plan block"),
+    episodes: int = typer.Option(None, help="held-out seeds (default: evaluate.episodes, baselines evaluate.baseline_episodes)"),
+    best_of: int = typer.Option(None, "--best-of", help="attempts per seed: any-of-N success and the best episode"),
+    num_envs: int = typer.Option(None, help="envs in lockstep (default: evaluate.num_envs)"),
+    max_steps: int = typer.Option(None, help="cap on steps per episode (default: evaluate.crafter_max_steps for LLM Crafter)"),
+    name: str = typer.Option(None, help="evaluation name: output folder reports/eval/<name>"),
+    out: Path = typer.Option(None, help="output folder (default: reports/eval/<name>)"),
+    track: bool = typer.Option(True, help="log to MLflow"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+) -> None:
+    """Evaluate a policy on the held-out seeds (resumes finished episodes); writes metrics.json,
+    episodes.csv, steps.jsonl, curve.csv and plots, and logs them to MLflow."""
+    from rich.table import Table
+
+    from dynaplan.eval.runner import evaluate, spec_from_params
+
+    try:
+        spec = spec_from_params(
+            load_params(params), name=name, policy=policy, env=env, model=model, adapter=adapter,
+            backend=backend, base_url=base_url, mode=mode, k=k, plans=plans, episodes=episodes,
+            best_of=best_of, num_envs=num_envs, max_steps=max_steps,
+        )
+    except (ConfigError, ValueError, TypeError) as err:
+        fail_usage(str(err))
+    if spec.plans and not Path(spec.plans).is_file():
+        fail_usage(f"plans file not found: {spec.plans}")
+    try:
+        result, paths = evaluate(spec, out_dir=out, track=track)
+    except (FileNotFoundError, ValueError) as err:
+        fail_usage(str(err))
+    except Exception as err:  # a backend that died mid-run: the finished episodes are kept
+        err_console.print(f"[bold red]evaluation failed:[/] {type(err).__name__}: {err}")
+        err_console.print("finished episodes are saved; run the same command again to resume")
+        raise typer.Exit(1)
+    m = result.metrics
+    table = Table(title=f"{spec.name} ({spec.env}, {m['episodes']} episodes; {result.played} played, {result.resumed} resumed)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("progression", "crafter_score", "reward", "length", "plans", "plan_rate", "plan_tokens",
+                "generated_tokens", "invalid_rate", "valid_rate"):
+        if key in m:
+            se = m.get(f"{key}_se")
+            table.add_row(key, f"{m[key]:.4g}" + (f" ± {se:.2g}" if se is not None else ""))
+    if "best_of" in m:
+        b = m["best_of"]
+        table.add_row(f"best-of-{b['n']} progression", f"{b['progression']:.4g} ± {b['progression_se']:.2g}")
+        if "crafter_score" in b:
+            table.add_row(f"best-of-{b['n']} crafter_score", f"{b['crafter_score']:.4g}")
+    console.print(table)
+    console.print(f"outputs in {paths['metrics'].parent}")
+
+
+@app.command("replay")
+def replay_cmd(
+    episode: str = typer.Argument(..., help="an evaluation folder or its steps.jsonl, optionally #EPISODE_ID (default: its first episode)"),
+    out: Path = typer.Option(..., help="FILE.gif or FILE.html"),
+    max_frames: int = typer.Option(300, help="at most this many frames, evenly spread over the episode"),
+    fps: float = typer.Option(4.0, help="GIF frames per second"),
+) -> None:
+    """Replay a recorded episode from its seed and actions and render it with the plan, the
+    action and the inventory beside each frame."""
+    from dynaplan.eval.viewer import ReplayError, replay
+
+    try:
+        written = replay(episode, out, max_frames=max_frames, fps=fps)
+    except ReplayError as err:
+        fail_usage(str(err))
+    console.print(f"[green]wrote[/] {written}")
+
+@app.command("promote")
+def promote_command(
+    params: Path = typer.Option(Path("params.yaml"), help="params file (section `promote`)"),
+    margin_se: float = typer.Option(None, help="override promote.margin_se (paired standard errors)"),
+    max_tokens_per_episode: float = typer.Option(None, help="override promote.max_tokens_per_episode"),
+    episodes: int = typer.Option(None, help="override promote.episodes (held-out seeds)"),
+    evaluate_missing: bool = typer.Option(None, "--evaluate-missing/--no-evaluate-missing", help="override promote.evaluate_missing"),
+    record: Path = typer.Option(Path("reports/promote/decision.json"), help="where the decision record goes"),
+) -> None:
+    """Promote the `challenger` version to `champion` if it beats it on the same held-out seeds."""
+    from dynaplan.config import parse_params
+    from dynaplan.promotion import PromotionError, run_gate
+
+    try:
+        loaded = load_params(params)
+        overrides = {"margin_se": margin_se, "max_tokens_per_episode": max_tokens_per_episode,
+                     "episodes": episodes, "evaluate_missing": evaluate_missing}
+        raw = loaded.model_dump(mode="json", by_alias=True)
+        raw["promote"].update({k: v for k, v in overrides.items() if v is not None})
+        loaded = parse_params(raw, f"{params} + command-line options")
+    except ConfigError as err:
+        fail_usage(str(err))
+    try:
+        decision = run_gate(loaded, record)
+    except PromotionError as err:
+        err_console.print(f"[bold red]refused:[/] {err}")
+        raise typer.Exit(1)
+    colour = "green" if decision.promoted else "yellow"
+    console.print(f"[{colour}]{decision.outcome}[/]: {decision.reason}")
+    console.print(f"decision record: {record}")
+
+
 if __name__ == "__main__":
     app()

@@ -121,6 +121,42 @@ class PromoteParams(Section):
     evaluate_missing: bool = Field(True, description="evaluate a version that has no stored held-out evaluation (else refuse)")
 
 
+class PpoParams(Section):
+    env: Literal["pogs", "crafter"] = Field("pogs", description="env PPO trains in (the paper: crafter); its settings come from envs.<env>")
+    iterations: int = Field(2, ge=1, description="rollout + update cycles (paper scale: hundreds)")
+    num_envs: int = Field(2, ge=1, description="envs stepped in lockstep, one batched generation per step (paper scale: 16+)")
+    episodes_per_iteration: int = Field(2, ge=1, description="whole episodes rolled out per iteration (fresh env seeds each time)")
+    max_steps: int = Field(4, ge=1, description="cap on turns per episode (paper scale: Crafter's 2000)")
+    plan_cost: float = Field(0.002, ge=0.0, description="reward charged per plan token (after reward_scale); the App. C.3 sweep key")
+    plan_penalty: float = Field(0.0, ge=0.0, description="extra reward charged per plan written, whatever its length")
+    reward_scale: float = Field(0.01, gt=0.0, description="env reward multiplier (POGS pays 100 at the target; crafter: 1.0)")
+    gamma: float = Field(0.99, ge=0.0, le=1.0, description="discount per turn")
+    gae_lambda: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda over turns")
+    clip_coef: float = Field(0.2, gt=0.0, description="PPO ratio clip range (also clips the value update)")
+    vf_coef: float = Field(0.5, ge=0.0, description="weight of the value loss")
+    ent_coef: float = Field(0.001, ge=0.0, description="weight of the entropy bonus (mean over generated tokens)")
+    kl_coef: float = Field(0.05, ge=0.0, description="weight of the KL penalty to the reference policy (SFT adapter or base)")
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0, description="Adam learning rate of the LoRA weights")
+    value_learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the value head")
+    update_epochs: int = Field(1, ge=1, description="passes over an iteration's turns (paper scale: 2-4)")
+    minibatch_size: int = Field(4, ge=1, description="turns per gradient step")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping (global norm over LoRA + value head)")
+    norm_adv: bool = Field(True, description="normalise advantages per minibatch")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature of rollouts; training log-probs use the same")
+    lora_r: int = Field(16, ge=1, le=1024, description="rank of the fresh LoRA of the `base` ablation (SFT ablations keep the SFT adapter's)")
+    lora_alpha: int = Field(32, ge=1, description="alpha of the fresh LoRA (`base` ablation)")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="modules that get the fresh LoRA (`base` ablation)",
+    )
+    checkpoint_every: int = Field(1, ge=1, description="iterations between checkpoints (also registered as dynaplan-agent versions)")
+    seed: int = Field(0, description="seed of sampling, minibatch order and the fresh LoRA; env seeds start at seeds.train_start")
+    rollout_backend: Literal["hf", "vllm", "openai"] = Field(
+        "hf", description="hf: generate with the training model itself (CPU); vllm: in-process with the current LoRA; openai: a `vllm serve --enable-lora` server"
+    )
+    server_url: str = Field("http://127.0.0.1:8000/v1", description="base URL of the vllm server (rollout_backend=openai)")
+
+
 class Params(Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -133,6 +169,7 @@ class Params(Section):
     validation: ValidateParams = Field(ValidateParams(), alias="validate")
     promote: PromoteParams = PromoteParams()
     evaluate: EvaluateParams = EvaluateParams()
+    ppo: PpoParams = PpoParams()
 
     @model_validator(mode="after")
     def _seeds_disjoint(self) -> "Params":

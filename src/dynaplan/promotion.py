@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 
 CHALLENGER = "challenger"
@@ -307,4 +309,40 @@ def promote(
         # The challenger has become the champion: clearing the alias means a rerun of the gate
         # does not compare a version with itself, and the next candidate is set explicitly.
         tracking.delete_alias(model_name, CHALLENGER)
+    return decision
+
+
+RECORD_PATH = "reports/promote/decision.json"
+
+
+def evaluate_with_runner(params: Any, version: str) -> Evaluation:
+    """Evaluate a registered version on the promotion's held-out seeds with the evaluation
+    runner (same seeds, policy settings and resume store as `dynaplan evaluate`)."""
+    from dynaplan.eval.runner import evaluate as run_eval
+    from dynaplan.eval.runner import spec_from_params
+
+    gate = params.promote
+    spec = spec_from_params(
+        params, name=f"promote-{gate.model_name}-v{version}-{gate.env}", policy="model", env=gate.env,
+        model=f"models:/{gate.model_name}/{version}", episodes=gate.episodes,
+    )
+    result, _ = run_eval(spec, out_dir=f"reports/promote/eval/{spec.name}")
+    return Evaluation.from_episodes(version, [ep for ep in result.episodes if ep["attempt"] == 0])
+
+
+def run_gate(params: Any, record_path: str | Path = RECORD_PATH) -> Decision:
+    """The promote stage and `dynaplan promote`: the gate over the params' `promote` section on
+    seeds `seeds.eval_start ..`, then the decision record written atomically as JSON."""
+    gate = params.promote
+    seeds = list(range(params.seeds.eval_start, params.seeds.eval_start + gate.episodes))
+    evaluate = (lambda version: evaluate_with_runner(params, version)) if gate.evaluate_missing else None
+    decision = promote(
+        model_name=gate.model_name, env=gate.env, seeds=seeds, margin_se=gate.margin_se,
+        max_tokens_per_episode=gate.max_tokens_per_episode, evaluate=evaluate,
+    )
+    path = Path(record_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(decision.record(), indent=2) + "\n")
+    os.replace(tmp, path)
     return decision
