@@ -1,0 +1,158 @@
+"""PPO (train/ppo.py): hand-worked GAE and losses, exact log-probs, KL at the start, resume,
+bad input, and (slow) learning and plan-cost behaviour with the tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dynaplan.config import ConfigError, PpoParams
+from dynaplan.train.ppo import (
+    check_settings,
+    compute_gae,
+    explained_variance,
+    kl_to_reference,
+    policy_loss,
+    turn_rewards,
+    value_loss,
+)
+
+
+def test_gae_matches_a_hand_worked_two_episode_trajectory():
+    # Episode A: 3 turns; episode B: 1 turn. gamma 0.9, lambda 0.8.
+    # A: t2 delta = 2 - 0 = 2 -> A2 = 2
+    #    t1 delta = 0 + 0.9*0 - 1 = -1 -> A1 = -1 + 0.72*2 = 0.44
+    #    t0 delta = 1 + 0.9*1 - 0.5 = 1.4 -> A0 = 1.4 + 0.72*0.44 = 1.7168
+    # B: t3 delta = 0.5 - 0.2 = 0.3 (no bootstrap across the episode boundary)
+    advantages, returns = compute_gae(
+        [1.0, 0.0, 2.0, 0.5], [0.5, 1.0, 0.0, 0.2], [False, False, True, True], gamma=0.9, gae_lambda=0.8
+    )
+    np.testing.assert_allclose(advantages, [1.7168, 0.44, 2.0, 0.3], atol=1e-12)
+    np.testing.assert_allclose(returns, [2.2168, 1.44, 2.0, 0.5], atol=1e-12)
+
+
+def test_gae_rejects_a_cut_episode():
+    with pytest.raises(ValueError, match="last turn"):
+        compute_gae([1.0, 1.0], [0.0, 0.0], [True, False], gamma=0.9, gae_lambda=0.9)
+
+
+def test_turn_reward_charges_plan_tokens_and_plans():
+    rewards = turn_rewards([100.0, 0.0, -1.0], [0, 40, 10], [False, True, True], reward_scale=0.01, plan_cost=0.01, plan_penalty=0.5)
+    np.testing.assert_allclose(rewards, [1.0, -0.4 - 0.5, -0.01 - 0.1 - 0.5])
+
+
+def _tokens(values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_clipped_loss_at_ratio_one_is_minus_mean_advantage_with_no_clipping():
+    logp = _tokens([[-1.0, -2.0], [-0.5, -0.3]])
+    mask = torch.ones(2, 2)
+    adv = _tokens([2.0, -1.0])
+    pg_loss, clipfrac, approx_kl, ratio = policy_loss(logp, logp.clone(), adv, mask, clip_coef=0.2)
+    assert torch.allclose(ratio, torch.ones(2, 2))
+    assert pg_loss.item() == pytest.approx(-(2.0 - 1.0) / 2)
+    assert clipfrac.item() == 0.0 and approx_kl.item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "ratio, advantage, expected",
+    [(1.5, 1.0, -1.2), (1.5, -1.0, 1.5), (0.5, 1.0, -0.5), (0.5, -1.0, 0.8)],
+)
+def test_clipped_loss_outside_the_clip_range_takes_the_pessimistic_term(ratio, advantage, expected):
+    old = _tokens([[-1.0]])
+    new = old + math.log(ratio)
+    pg_loss, clipfrac, approx_kl, _ = policy_loss(new, old, _tokens([advantage]), torch.ones(1, 1), clip_coef=0.2)
+    assert pg_loss.item() == pytest.approx(expected, rel=1e-6)
+    assert clipfrac.item() == 1.0
+    assert approx_kl.item() == pytest.approx((ratio - 1) - math.log(ratio), rel=1e-5)
+
+
+def test_clipped_loss_averages_tokens_within_a_turn_then_turns():
+    # Turn 0 has 1 token (mask), turn 1 has 3: each turn weighs the same.
+    old = torch.zeros(2, 3)
+    mask = _tokens([[0, 0, 1], [1, 1, 1]])
+    pg_loss, *_ = policy_loss(old.clone(), old, _tokens([1.0, 3.0]), mask, clip_coef=0.2)
+    assert pg_loss.item() == pytest.approx(-(1.0 + 3.0) / 2)
+
+
+def test_value_loss_is_clipped_around_the_old_value():
+    new, old, ret = _tokens([2.0]), _tokens([0.0]), _tokens([2.0])
+    # Unclipped error 0, clipped prediction 0.2 -> 0.5 * 1.8^2.
+    assert value_loss(new, old, ret, clip_coef=0.2).item() == pytest.approx(0.5 * 1.8**2)
+
+
+def test_kl_to_reference_is_zero_for_equal_policies_and_positive_otherwise():
+    logp = _tokens([[-1.0, -0.2]])
+    mask = torch.ones(1, 2)
+    assert kl_to_reference(logp, logp.clone(), mask).item() == 0.0
+    assert kl_to_reference(logp, logp - 0.5, mask).item() > 0.0
+
+
+def test_explained_variance():
+    assert explained_variance([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 1.0
+    assert explained_variance([0.0, 0.0, 0.0], [1.0, 2.0, 3.0]) == pytest.approx(0.0)
+
+
+def test_bad_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="num_envs"):
+        check_settings(PpoParams.model_construct(**{**PpoParams().model_dump(), "num_envs": 0}), "base")
+    with pytest.raises(ConfigError, match="plan_cost"):
+        check_settings(PpoParams.model_construct(**{**PpoParams().model_dump(), "plan_cost": -0.1}), "base")
+    with pytest.raises(ConfigError, match="ablation"):
+        check_settings(PpoParams(), "nope")
+    with pytest.raises(Exception, match="num_envs"):
+        PpoParams(num_envs=0)
+
+
+# --------------------------------------------------------------------------- with the tiny model
+
+def _params(env: str = "crafter", **ppo):
+    from dynaplan.config import parse_params
+
+    base = {"iterations": 1, "num_envs": 2, "episodes_per_iteration": 2, "max_steps": 2, "minibatch_size": 8, "env": env}
+    return parse_params({"ppo": {**base, **ppo}, "prompt": {"max_new_tokens": 6, "history_len": 1}})
+
+
+def _sft_like_adapter(model_dir, out_dir, seed=1):
+    """A LoRA adapter with non-zero weights, saved as the SFT stage saves one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def test_recomputed_logprobs_match_the_rollout_before_any_update(tiny_model_dir):
+    from dynaplan.envs import make_env
+    from dynaplan.agent.policy import LLMPolicy
+    from dynaplan.models.base import SamplingParams
+    from dynaplan.train.ppo import ABLATIONS, SharedHFRollouts, ValueHead, collect_turns, load_policy_model, turn_forward
+    from dynaplan.train.rollout import run_episodes
+
+    params = _params()
+    env = make_env("crafter")
+    model, tokenizer = load_policy_model(tiny_model_dir, ABLATIONS["base"], None, params.ppo)
+    backend = SharedHFRollouts(model, tokenizer)
+    policy = LLMPolicy(backend, action_names=env.action_names, default_action=env.default_action, rules=env.rules,
+                       history_len=1, sampling=SamplingParams(temperature=1.0, max_new_tokens=6), seed=3)
+    with torch.no_grad():
+        episodes = run_episodes(policy, "crafter", {}, [0, 1], num_envs=2, max_steps=2, progress=False)
+        turns = collect_turns(episodes)
+        logp, _, mask, _ = turn_forward(model, ValueHead(64), turns.prompt_token_ids, turns.token_ids, temperature=1.0,
+                                        pad_id=tokenizer.pad_token_id)
+    assert len(turns) == 4 and all(len(t) > 0 for t in turns.token_ids)
+    for row, old in enumerate(turns.logprobs):
+        new = logp[row, logp.shape[1] - len(old):]
+        np.testing.assert_allclose(new.numpy(), old, atol=1e-3)
+    assert mask.sum().item() == sum(len(t) for t in turns.token_ids)
