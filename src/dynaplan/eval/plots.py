@@ -154,3 +154,21 @@ def pareto_plot(rows: Sequence[Mapping], path: str | os.PathLike[str]) -> Path:
         ax.set_ylabel("progression")
         ax.set_title(f"{env}: progression vs tokens")
     return _save(fig, Path(path))
+
+
+def write_rows_csv(rows: Sequence[Mapping], path: str | os.PathLike[str]) -> Path:
+    """Rows as CSV (a DVC plots source), written atomically; infinite intervals become 'inf'."""
+    import csv
+    import io
+
+    path = Path(path)
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+    return path

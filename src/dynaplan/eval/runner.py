@@ -13,7 +13,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -437,3 +437,89 @@ def write_outputs(spec: EvalSpec, result: EvalResult, out_dir: str | os.PathLike
     # metrics.json last: its presence marks a complete evaluation for the Pareto plot.
     atomic_write_text(paths["metrics"], json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring for the stage and the CLI
+
+EVAL_ROOT = Path("reports/eval")
+# Outside every stage's outs (DVC deletes outs before a stage runs), so a rerun can resume.
+RESUME_ROOT = Path("reports/.resume")
+
+
+def spec_from_params(params, *, name: str | None = None, policy: str = "expert", env: str | None = None,
+                     **overrides) -> EvalSpec:
+    """An EvalSpec from the validated params (evaluate, envs, prompt, seeds, model sections),
+    with explicit overrides (CLI options) winning. LLM Crafter episodes are capped at
+    evaluate.crafter_max_steps; baselines run evaluate.baseline_episodes full-length episodes."""
+    ev = params.evaluate
+    env = env or ev.env
+    env_kwargs = getattr(params.envs, env).model_dump()
+    llm = policy == "model"
+    fields = dict(
+        env=env, policy=policy, episodes=ev.episodes if llm else ev.baseline_episodes,
+        best_of=1, seed_start=params.seeds.eval_start, seed=ev.seed, num_envs=ev.num_envs,
+        max_steps=ev.crafter_max_steps if (llm and env == "crafter") else None,
+        temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens, backend=ev.backend,
+        mode=ev.mode, k=ev.k, history_len=params.prompt.history_len,
+        max_prompt_tokens=params.prompt.max_prompt_tokens, dtype=params.model.dtype,
+        tokenizer=params.model.dir if policy == "expert" else None, env_kwargs=env_kwargs,
+        model=params.model.dir if llm else None,
+    )
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    if name is None:
+        label = fields["mode"] if llm else policy
+        name = f"{label}-{env}" if not llm else f"{Path(str(fields['model'])).name}-{label}-{env}"
+    return EvalSpec(name=name, **fields)
+
+
+def scalar_metrics(metrics: Mapping) -> dict:
+    """The numbers worth a metric in MLflow: the flat scalars, success rates, best-of-N."""
+    out = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for name, rate in metrics.get("success_rates", {}).items():
+        out[f"success_rate.{name}"] = rate
+    for key in ("all_attempts", "best_of"):
+        for k, v in metrics.get(key, {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{key}.{k}"] = v
+    return out
+
+
+def evaluate(spec: EvalSpec, out_dir: str | os.PathLike[str] | None = None,
+             resume_dir: str | os.PathLike[str] = RESUME_ROOT, *, track: bool = True,
+             progress: bool = True, backend=None) -> tuple[EvalResult, dict[str, Path]]:
+    """Run (or resume) an evaluation, write its outputs and, with `track`, log them to MLflow:
+    one `evaluate` run with the spec as params, the scalars as metrics, the curve as per-step
+    metrics, the outputs as artifacts; for a registry model also the metrics on its version."""
+    out_dir = Path(out_dir) if out_dir is not None else EVAL_ROOT / spec.name
+    store = Path(resume_dir) / f"{spec.name}-{fingerprint(spec)}.jsonl"
+    if not track:
+        result = run_evaluation(spec, store, backend=backend, progress=progress)
+        return result, write_outputs(spec, result, out_dir)
+    from dynaplan import tracking
+
+    with tracking.stage_run("evaluate", params=asdict(spec), evaluation=spec.name, policy=spec.policy, env=spec.env):
+        result = run_evaluation(spec, store, backend=backend, progress=progress)
+        paths = write_outputs(spec, result, out_dir)
+        scalars = scalar_metrics(result.metrics)
+        tracking.log_metrics(scalars)
+        for row in curve_rows([ep for ep in result.episodes if ep["attempt"] == 0]):
+            tracking.log_metrics({"curve.progression": row["progression"], "curve.generated_tokens": row["generated_tokens"]}, step=row["step"])
+        tracking.log_artifact(out_dir, artifact_path=f"eval/{spec.name}")
+        if spec.model and spec.model.startswith(REGISTRY_PREFIX):
+            record_on_version(spec, scalars)
+    return result, paths
+
+
+def record_on_version(spec: EvalSpec, scalars: Mapping[str, float]) -> None:
+    """Put an evaluation's numbers on the registered model version it evaluated."""
+    from dynaplan import tracking
+
+    _, _, resolved = resolve_model(spec.model)
+    version = resolved.get("version")
+    name = resolved.get("name", "dynaplan-agent")
+    if version is None:
+        raise RuntimeError(f"the registry resolver gave no version for {spec.model}")
+    prefix = f"dynaplan.eval.{spec.name}."
+    keep = ("progression", "progression_se", "crafter_score", "generated_tokens", "plan_tokens", "plan_rate", "invalid_rate", "episodes")
+    tracking.set_version_tags(name, str(version), {prefix + k: f"{scalars[k]:.6g}" for k in keep if k in scalars})
