@@ -156,3 +156,73 @@ def test_recomputed_logprobs_match_the_rollout_before_any_update(tiny_model_dir)
         new = logp[row, logp.shape[1] - len(old):]
         np.testing.assert_allclose(new.numpy(), old, atol=1e-3)
     assert mask.sum().item() == sum(len(t) for t in turns.token_ids)
+
+
+@pytest.fixture
+def tracked(tmp_path, monkeypatch):
+    """A project root with its own SQLite MLflow store."""
+    import mlflow
+
+    from dynaplan import tracking
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(tracking.ROOT_ENV, str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.PIPELINE_RUN_ENV, raising=False)
+    yield tmp_path
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def _paths(root, base_dir, ablation="base"):
+    from dynaplan.train.ppo import PpoPaths
+
+    return PpoPaths(base_dir=base_dir, sft_root=root / "models", out_dir=root / f"models/ppo-{ablation}",
+                    checkpoint_dir=root / f"checkpoints/ppo-{ablation}", metrics_path=root / f"metrics/ppo-{ablation}.json")
+
+
+def _adapter_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_stage_registers_checkpoints_and_a_killed_run_resumes_exactly(tracked, tiny_model_dir, monkeypatch):
+    import mlflow
+
+    from dynaplan import tracking
+    from dynaplan.train import ppo
+
+    params = _params(iterations=2, learning_rate=0.05, minibatch_size=2)
+    straight = ppo.ppo_stage(params, "base", _paths(tracked / "a", tiny_model_dir), progress=False)
+    assert straight["iterations"] == 2 and straight["model_uri"].startswith("models:/dynaplan-agent/")
+    versions = mlflow.MlflowClient().search_model_versions(f"name = '{tracking.AGENT_MODEL}'")
+    assert sorted(v.tags["iteration"] for v in versions) == ["1", "2"]
+    assert {v.tags["stage"] for v in versions} == {"ppo"} and {v.tags["plan_cost"] for v in versions} == {str(params.ppo.plan_cost)}
+
+    # The same run killed after its first checkpoint, then re-run: same weights at the end.
+    real_save = ppo.save_checkpoint
+
+    def save_then_die(root, iteration, *args, **kwargs):
+        path = real_save(root, iteration, *args, **kwargs)
+        if iteration == 1:
+            raise KeyboardInterrupt("killed")
+        return path
+
+    paths = _paths(tracked / "b", tiny_model_dir)
+    monkeypatch.setattr(ppo, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ppo.ppo_stage(params, "base", paths, progress=False)
+    monkeypatch.setattr(ppo, "save_checkpoint", real_save)
+    resumed = ppo.ppo_stage(params, "base", paths, progress=False)
+    a, b = _adapter_weights(tracked / "a/models/ppo-base/adapter"), _adapter_weights(paths.out_dir / "adapter")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed["last"]["episode/return"] == straight["last"]["episode/return"]
+    # ... and the weights did move (the comparison above is not trivially true).
+    fresh = ppo.load_policy_model(tiny_model_dir, ppo.ABLATIONS["base"], None, params.ppo)[0]
+    start = {k: v for k, v in fresh.state_dict().items() if "lora_B" in k}
+    assert any(not torch.equal(v, torch.zeros_like(v)) for v in b.values())
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in start.values())

@@ -38,11 +38,13 @@ from dynaplan.config import ConfigError, Params, PpoParams
 class Ablation:
     start: str  # "sft": from the SFT adapter, reference = that adapter; "base": fresh LoRA, reference = base
     mode: str  # planning mode of the policy during rollouts
+    sft_variant: str | None = None  # which SFT adapter (models/sft-<variant>/adapter) it starts from
 
 
 ABLATIONS: dict[str, Ablation] = {
-    "sft_dynamic": Ablation("sft", "dynamic"),  # SFT+RL, the agent decides when to plan
-    "sft_never": Ablation("sft", "never"),  # SFT+RL with "<plan>" forbidden
+    "sft_dynamic": Ablation("sft", "dynamic", "dynamic"),  # SFT+RL, the agent decides when to plan
+    # SFT+RL never-plan: primed on the plan-stripped teacher data, "<plan>" forbidden in rollouts.
+    "sft_never": Ablation("sft", "never", "naive"),
     "base": Ablation("base", "dynamic"),  # RL without SFT priming
 }
 POLICY = "default"  # the trained adapter (PEFT saves "default" at the folder's root)
@@ -352,7 +354,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
     optimizer.load_state_dict({"state": state, "param_groups": skeleton["param_groups"]})
 
 
-def save_checkpoint(root: Path, iteration: int, model, value_head, optimizer, extra_state: dict) -> Path:
+def save_checkpoint(root: Path, iteration: int, model, tokenizer, value_head, optimizer, extra_state: dict, adapter_meta: dict) -> Path:
     """Write checkpoint `iter-NNNNNN` atomically (temp folder, rename, then the LATEST pointer)."""
     from safetensors.torch import save_file
 
@@ -360,7 +362,11 @@ def save_checkpoint(root: Path, iteration: int, model, value_head, optimizer, ex
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    # The adapter folder is self-contained (tokenizer, chat template, metadata): evaluation and the
+    # registry load it as they load an SFT adapter.
     model.save_pretrained(tmp / "adapter", selected_adapters=[POLICY])
+    tokenizer.save_pretrained(tmp / "adapter")
+    (tmp / "adapter" / "dynaplan_adapter.json").write_text(json.dumps({**adapter_meta, "iteration": iteration}, indent=2))
     save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, tmp / "value_head.safetensors")
     tensors, skeleton = optimizer_tensors(optimizer)
     save_file(tensors, tmp / "optimizer.safetensors")
@@ -421,7 +427,7 @@ def restore_checkpoint(path: Path, model, value_head, optimizer) -> dict:
 
 @dataclass
 class PpoResult:
-    out_dir: Path
+    checkpoint_dir: Path
     history: list[dict]
     checkpoint: Path | None
 
@@ -432,12 +438,14 @@ def train(
     *,
     base_dir: Path,
     sft_adapter: Path | None,
-    out_dir: Path,
+    checkpoint_dir: Path,
     log: Callable[[dict, int], None] | None = None,
     on_checkpoint: Callable[[Path, int, dict], None] | None = None,
     progress: bool = True,
 ) -> PpoResult:
-    """Run PPO for `params.ppo.iterations` iterations, resuming from `out_dir`'s last checkpoint."""
+    """Run PPO for `params.ppo.iterations` iterations, resuming from the last checkpoint in
+    `checkpoint_dir` if it was written with the same settings. Raises ConfigError on bad input
+    before anything is rolled out, PpoDivergence on a non-finite loss."""
     from dynaplan.agent.policy import LLMPolicy
     from dynaplan.envs import make_env
     from dynaplan.models.base import SamplingParams
@@ -446,7 +454,7 @@ def train(
     args = params.ppo
     check_settings(args, ablation_name)
     ablation = ABLATIONS[ablation_name]
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    base_dir, ckpt_root = Path(base_dir), Path(checkpoint_dir)
     if not (base_dir / "config.json").is_file():
         raise ConfigError(f"base model not found: {base_dir}/config.json (run the base_model stage first)")
     if ablation.start == "sft":
@@ -479,7 +487,6 @@ def train(
         eps=1e-5,
     )
     digest = config_digest(args, ablation_name, {"sft_adapter": str(sft_adapter), "base": str(base_dir), "env": env_kwargs})
-    ckpt_root = out_dir / "checkpoints"
     start_iteration, seed_cursor, history = 0, first_seed, []
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
@@ -499,7 +506,7 @@ def train(
         t0 = time.perf_counter()
         # ---- rollout: whole episodes, lockstep envs, one batched generation per step
         seeds = list(range(seed_cursor, seed_cursor + args.episodes_per_iteration))
-        backend.sync(model, out_dir, iteration)
+        backend.sync(model, ckpt_root, iteration)
         policy = LLMPolicy(
             backend, action_names=action_names, default_action=default_action, rules=rules, mode=ablation.mode,
             history_len=params.prompt.history_len, max_prompt_tokens=params.prompt.max_prompt_tokens,
@@ -607,13 +614,118 @@ def train(
             log(metrics, iteration + 1)
         if (iteration + 1) % args.checkpoint_every == 0 or iteration + 1 == args.iterations:
             checkpoint = save_checkpoint(
-                ckpt_root, iteration + 1, model, value_head, optimizer,
+                ckpt_root, iteration + 1, model, tokenizer, value_head, optimizer,
                 {"seed_cursor": seed_cursor, "history": history, "config_digest": digest, "ablation": ablation_name},
+                {"stage": "ppo", "ablation": ablation_name, "mode": ablation.mode, "plan_cost": args.plan_cost,
+                 "plan_penalty": args.plan_penalty, "env": args.env, "sft_adapter": str(sft_adapter) if sft_adapter else None},
             )
             if on_checkpoint is not None:
                 on_checkpoint(checkpoint, iteration + 1, metrics)
     backend.close()
-    return PpoResult(out_dir=out_dir, history=history, checkpoint=checkpoint)
+    return PpoResult(checkpoint_dir=ckpt_root, history=history, checkpoint=checkpoint)
+
+
+# --------------------------------------------------------------------------- the DVC stage
+
+
+@dataclass(frozen=True)
+class PpoPaths:
+    base_dir: Path  # models/base
+    sft_root: Path  # folder holding sft-<variant>/adapter
+    out_dir: Path  # models/ppo-<ablation>: the final adapter/ and value_head.safetensors
+    checkpoint_dir: Path  # checkpoints/ppo-<ablation>: the resume point (kept across runs)
+    metrics_path: Path  # metrics/ppo-<ablation>.json (the DVC metric)
+
+    def sft_adapter(self, ablation: Ablation) -> Path | None:
+        return None if ablation.sft_variant is None else self.sft_root / f"sft-{ablation.sft_variant}" / "adapter"
+
+
+def _example_messages(params: Params, ablation: Ablation) -> list[dict[str, str]]:
+    """A real first-turn prompt of this ablation: the registered model's input example."""
+    from dynaplan.agent.prompts import build_messages
+    from dynaplan.envs import make_env
+
+    env = make_env(params.ppo.env, **params.envs.model_dump()[params.ppo.env])
+    observation, _ = env.reset(seed=params.seeds.train_start)
+    env.close()
+    return build_messages(rules=env.rules, mode=ablation.mode, observation=observation, history_len=params.prompt.history_len)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def ppo_stage(params: Params, ablation_name: str, paths: PpoPaths, progress: bool = True) -> dict:
+    """One `ppo@<ablation>` execution: a tracked run that trains (or resumes), logs every
+    iteration, registers each checkpoint as a `dynaplan-agent` version (stage=ppo, plan_cost,
+    ablation), exports the final adapter and value head and writes the metrics JSON."""
+    from dynaplan import tracking
+
+    check_settings(params.ppo, ablation_name)
+    ablation = ABLATIONS[ablation_name]
+    sft_adapter = paths.sft_adapter(ablation)
+    if sft_adapter is not None:
+        check_reference_adapter(sft_adapter, paths.base_dir)
+    dataset_digest = "online-rollouts"
+    if sft_adapter is not None and (sft_adapter / "dynaplan_adapter.json").is_file():
+        dataset_digest = json.loads((sft_adapter / "dynaplan_adapter.json").read_text()).get("dataset_digest", dataset_digest)
+    example = _example_messages(params, ablation)
+    versions: dict[int, str] = {}
+
+    def register(checkpoint: Path, iteration: int, metrics: dict) -> None:
+        info = tracking.log_agent_model(
+            checkpoint / "adapter", paths.base_dir, example_messages=example, base_model=params.model.base,
+            name=f"ppo-{ablation_name}-iter-{iteration}", max_new_tokens=params.prompt.max_new_tokens, step=iteration,
+        )
+        version = tracking.register_agent(
+            info.model_uri, stage="ppo", variant=ablation_name, base_model=params.model.base,
+            dataset_digest=dataset_digest, plan_cost=params.ppo.plan_cost,
+            extra_tags={"ablation": ablation_name, "planning_mode": ablation.mode, "iteration": str(iteration),
+                        "plan_penalty": str(params.ppo.plan_penalty), "env": params.ppo.env,
+                        "final": str(iteration == params.ppo.iterations).lower()},
+        )
+        tracking.set_version_metrics(version.version, metrics, prefix="ppo.")
+        tracking.log_artifact(checkpoint / "value_head.safetensors", artifact_path=f"value_head/iter-{iteration}")
+        versions[iteration] = str(version.version)
+
+    section = {"ppo": params.ppo, "prompt": params.prompt, "model": params.model, "envs": params.envs, "seeds": params.seeds}
+    with tracking.stage_run(f"ppo@{ablation_name}", section, ablation=ablation_name, plan_cost=params.ppo.plan_cost):
+        result = train(
+            params, ablation_name, base_dir=paths.base_dir, sft_adapter=sft_adapter, checkpoint_dir=paths.checkpoint_dir,
+            log=tracking.log_metrics, on_checkpoint=register, progress=progress,
+        )
+        paths.out_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("adapter", "value_head.safetensors"):
+            tmp = paths.out_dir / f".{name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            source = result.checkpoint / name
+            shutil.copytree(source, tmp) if source.is_dir() else shutil.copyfile(source, tmp)
+            final = paths.out_dir / name
+            if final.is_dir():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        last = result.history[-1]
+        iteration = last["iteration"]
+        if iteration not in versions:  # resumed after the last checkpoint: nothing new was registered
+            register(result.checkpoint, iteration, last)
+        version = versions[iteration]
+        out = {
+            "ablation": ablation_name, "plan_cost": params.ppo.plan_cost, "plan_penalty": params.ppo.plan_penalty,
+            "iterations": iteration, "env": params.ppo.env,
+            "progression": last["episode/progression"], "return": last["episode/return"],
+            "plan_tokens_per_episode": last["episode/plan_tokens"], "plan_rate": last["turn/plan_rate"],
+            "generated_tokens_per_episode": last["episode/generated_tokens"],
+            "first": {k: v for k, v in result.history[0].items() if k.startswith(("episode/", "turn/"))},
+            "last": last,
+            "model_version": version,
+            "model_uri": f"models:/{tracking.AGENT_MODEL}/{version}",
+        }
+        _write_json(paths.metrics_path, out)
+        tracking.log_artifact(paths.metrics_path)
+    return out
 
 
 # --------------------------------------------------------------------------- rollout engines

@@ -1,0 +1,50 @@
+"""DVC stage `ppo@<ablation>` (sft_dynamic | sft_never | base): PPO with a plan-token cost from the
+SFT adapter (or the base model); writes models/ppo-<ablation>/, checkpoints/ppo-<ablation>/ (resume
+point) and metrics/ppo-<ablation>.json. Thin: params in, dynaplan.train.ppo.ppo_stage, exit code out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dynaplan.config import EXIT_USAGE, ConfigError, load_params
+
+
+def paths_for(ablation: str, base_dir: Path):
+    from dynaplan.train.ppo import PpoPaths
+
+    return PpoPaths(
+        base_dir=base_dir,
+        sft_root=Path("models"),
+        out_dir=Path(f"models/ppo-{ablation}"),
+        checkpoint_dir=Path(f"checkpoints/ppo-{ablation}"),
+        metrics_path=Path(f"metrics/ppo-{ablation}.json"),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dynaplan.train.ppo import ABLATIONS, PpoDivergence, ppo_stage
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.ppo", description=__doc__)
+    parser.add_argument("--ablation", choices=sorted(ABLATIONS), required=True)
+    args = parser.parse_args(argv)
+    try:
+        params = load_params()
+        out = ppo_stage(params, args.ablation, paths_for(args.ablation, Path(params.model.dir)))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except PpoDivergence as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"ppo@{args.ablation} (plan_cost {out['plan_cost']}): {out['iterations']} iterations, return {out['return']:.3f}, "
+        f"progression {out['progression']:.3f}, plan tokens/episode {out['plan_tokens_per_episode']:.1f} -> {out['model_uri']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
