@@ -147,5 +147,42 @@ def promote_command(
     console.print(f"decision record: {record}")
 
 
+@train_app.command("ppo")
+def train_ppo_cmd(
+    ablation: str = typer.Option("sft_dynamic", help="sft_dynamic | sft_never | base (RL without SFT)"),
+    plan_cost: float = typer.Option(None, help="reward charged per plan token (default: ppo.plan_cost)"),
+    iterations: int = typer.Option(None, help="rollout + update iterations (default: ppo.iterations)"),
+    num_envs: int = typer.Option(None, help="envs in lockstep (default: ppo.num_envs)"),
+    env: str = typer.Option(None, help="crafter | pogs (default: ppo.env)"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+) -> None:
+    """PPO with a plan-token cost, as the DVC stage ppo@<ablation> runs it: resumes from
+    checkpoints/ppo-<ablation>, writes models/ppo-<ablation> and metrics/ppo-<ablation>.json."""
+    from dynaplan.config import parse_params
+    from dynaplan.train.ppo import ABLATIONS, PpoDivergence, PpoPaths, ppo_stage
+
+    if ablation not in ABLATIONS:
+        fail_usage(f"--ablation {ablation!r}: expected one of {', '.join(ABLATIONS)}")
+    overrides = {"plan_cost": plan_cost, "iterations": iterations, "num_envs": num_envs, "env": env}
+    try:
+        loaded = load_params(params)
+        raw = loaded.model_dump(mode="json", by_alias=True)
+        raw["ppo"].update({k: v for k, v in overrides.items() if v is not None})
+        loaded = parse_params(raw, f"{params} + command-line options")
+        paths = PpoPaths(
+            base_dir=Path(loaded.model.dir), sft_root=Path("models"), out_dir=Path(f"models/ppo-{ablation}"),
+            checkpoint_dir=Path(f"checkpoints/ppo-{ablation}"), metrics_path=Path(f"metrics/ppo-{ablation}.json"),
+        )
+        out = ppo_stage(loaded, ablation, paths)
+    except ConfigError as err:
+        fail_usage(str(err))
+    except PpoDivergence as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(1)
+    console.print(
+        f"[green]ppo@{ablation}[/] plan_cost={out['plan_cost']}: return {out['return']:.3f}, progression "
+        f"{out['progression']:.3f}, plan tokens/episode {out['plan_tokens_per_episode']:.1f} -> {out['model_uri']}"
+    )
+
 if __name__ == "__main__":
     app()
