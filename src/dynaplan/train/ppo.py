@@ -636,6 +636,10 @@ class PpoPaths:
     checkpoint_dir: Path  # checkpoints/ppo-<ablation>: the resume point (kept across runs)
     metrics_path: Path  # metrics/ppo-<ablation>.json (the DVC metric)
 
+    @property
+    def curve_path(self) -> Path:  # metrics/ppo-<ablation>-curve.csv: one row per iteration (dvc plots)
+        return self.metrics_path.with_name(self.metrics_path.stem + "-curve.csv")
+
     def sft_adapter(self, ablation: Ablation) -> Path | None:
         return None if ablation.sft_variant is None else self.sft_root / f"sft-{ablation.sft_variant}" / "adapter"
 
@@ -655,6 +659,19 @@ def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_curve(path: Path, history: list[dict]) -> None:
+    import csv
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    columns = list(history[0])
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[c.replace("/", "_") for c in columns])
+        writer.writeheader()
+        for row in history:
+            writer.writerow({c.replace("/", "_"): row.get(c) for c in columns})
     os.replace(tmp, path)
 
 
@@ -724,6 +741,7 @@ def ppo_stage(params: Params, ablation_name: str, paths: PpoPaths, progress: boo
             "model_uri": f"models:/{tracking.AGENT_MODEL}/{version}",
         }
         _write_json(paths.metrics_path, out)
+        _write_curve(paths.curve_path, result.history)
         tracking.log_artifact(paths.metrics_path)
     return out
 
