@@ -26,3 +26,30 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     from dynaplan.models.materialize import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", smollm2_tokenizer_dir, seed=0)
+
+
+# --- backbone helper: isolated MLflow store, one Prefect test server per session ---------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_mlflow(tmp_path_factory):
+    """Tests never write into the project's mlflow.db: every test (and every subprocess it
+    starts) tracks into a session-wide SQLite store in a temp folder unless it sets its own."""
+    import os
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    if previous is None:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    yield os.environ["MLFLOW_TRACKING_URI"]
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness (a temporary local API server and database), started once per
+    session because it takes tens of seconds on a loaded machine."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
