@@ -228,6 +228,15 @@ class SurvivalPolicy:
                     self.creatures[pos] = "grass"
         if info["sleeping"]:
             return "Noop"
+        inventory = info["inventory"]
+        front = view[3 + info["facing"][1]][4 + info["facing"][0]]
+        # A wood sword halves the hits a zombie needs, and so the damage taken in a fight.
+        if not inventory["wood_sword"]:
+            near_table = any(view[r][c] == "table" for r in (2, 3, 4) for c in (3, 4, 5))
+            if near_table and inventory["wood"] >= 1:
+                return "Make Wood Sword"
+            if inventory["wood"] >= 3 and front == "grass":
+                return "Place Table"
         wants = ["zombie"]
         if status["drink"] < 7:
             wants.append("water")
@@ -330,9 +339,9 @@ def digests_in_subprocess(runs: list[tuple[int, str]], steps: int = 1000) -> lis
 
 def test_scripted_episodes_are_identical_when_replayed_in_one_process():
     # The scripted player dies after a few hundred steps; whole episodes, many despawn rounds.
-    for seed in (0, 5):
+    for seed in (9, 2):
         first = trajectory_digest(seed, 1000)
-        assert first[1] >= 150, f"seed {seed}: episode too short to cover despawning and a night"
+        assert first[1] >= 250, f"seed {seed}: episode too short to cover despawning and a night"
         assert trajectory_digest(seed, 1000) == first
 
 
@@ -346,22 +355,30 @@ def expert_survivor() -> tuple[int, str]:
     pytest.fail("the Crafter expert died before step 1,000 on seeds 0..7")
 
 
+def test_scripted_episode_is_identical_in_another_process():
+    digest, _ = trajectory_digest(9, 1000)
+    assert digests_in_subprocess([(9, "scripted")]) == [digest]
+
+
+# The expert runs are the long ones (1,000 steps of a planner, several seeds searched).
+@pytest.mark.slow
 def test_expert_1000_steps_are_identical_when_replayed_in_one_process(expert_survivor):
     seed, digest = expert_survivor
     assert trajectory_digest(seed, 1000, "expert") == (digest, 1000)
 
 
-def test_scripted_and_expert_episodes_are_identical_in_another_process(expert_survivor):
-    seed, expert_digest = expert_survivor
-    scripted_digest, _ = trajectory_digest(1, 1000)
-    assert digests_in_subprocess([(1, "scripted"), (seed, "expert")]) == [scripted_digest, expert_digest]
+@pytest.mark.slow
+def test_expert_1000_steps_are_identical_in_another_process(expert_survivor):
+    seed, digest = expert_survivor
+    assert digests_in_subprocess([(seed, "expert")]) == [digest]
 
 
 def test_skipping_pixels_leaves_the_trajectory_unchanged_through_a_night():
-    # Nights start near step 150: the renderer's noise draws from the world RNG there.
-    with_pixels = trajectory_digest(5, 1000, render_pixels=True)
-    assert with_pixels[1] > 200
-    assert trajectory_digest(5, 1000, render_pixels=False) == with_pixels
+    # The first night runs from about step 148 to 272: the renderer draws noise from the world
+    # RNG there, which the text env must reproduce without drawing the frame.
+    with_pixels = trajectory_digest(2, 1000, render_pixels=True)
+    assert with_pixels[1] > 272  # past the end of the first night
+    assert trajectory_digest(2, 1000, render_pixels=False) == with_pixels
 
 
 @pytest.mark.slow
