@@ -1,0 +1,1 @@
+"""Prefect flows and deployments: they only wire DVC stages, working copies and work pools."""

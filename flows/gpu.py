@@ -1,0 +1,138 @@
+"""GPU dispatch: the stages that need an accelerator run as a `dynaplan-stage` flow on a worker
+of the `gpu` work pool, in that worker's own working copy, moving data only through the DVC
+remote (`dvc repro --pull` in, `dvc push --run-cache` out).
+
+It decides where a stage runs and waits for it; it never runs stage code in-process.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+try:  # run as `flows.gpu` (package import) or by Prefect from the file path
+    from flows import workspace as ws_lib
+except ImportError:  # pragma: no cover - Prefect loads entrypoints with flows/ on sys.path
+    import workspace as ws_lib  # type: ignore[no-redef]
+
+CPU_POOL = "cpu"
+GPU_POOL = "gpu"
+STAGE_FLOW = "dynaplan-stage"
+GPU_DEPLOYMENT = f"{STAGE_FLOW}/gpu"
+# Stage-name patterns (fnmatch) that need a GPU: training and evaluating a model. The scripted
+# baselines (evaluate_expert_*, evaluate_random_*) and data stages stay on the CPU pool.
+DEFAULT_GPU_STAGES: tuple[str, ...] = ("sft", "sft_*", "ppo", "ppo@*", "ppo_*", "evaluate_model*", "goldilocks@*", "best_of@*", "evaluate@*")
+OUTCOMES_ARTIFACT = "stage-outcomes"
+
+
+def is_gpu_stage(stage: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(stage, pattern) for pattern in patterns)
+
+
+def current_pool() -> str | None:
+    """The work pool of the worker running this flow run (None outside a deployment run)."""
+    from prefect.context import get_run_context
+
+    try:
+        flow_run = get_run_context().flow_run
+    except Exception:  # no run context: called from a plain script or a test
+        return None
+    return getattr(flow_run, "work_pool_name", None)
+
+
+def run_stages_here(
+    workspace: ws_lib.Workspace,
+    stages: Sequence[str],
+    *,
+    pull: bool,
+    pipeline_run_id: str | None,
+) -> list[dict[str, Any]]:
+    """`dvc repro` each stage in this working copy; every stage DVC touched is reported once."""
+    pool = current_pool()
+    extra = {ws_lib.PIPELINE_RUN_ENV: pipeline_run_id} if pipeline_run_id else {}
+    outcomes: dict[str, dict[str, Any]] = {}
+    for stage in stages:
+        started = time.monotonic()
+        touched = ws_lib.repro(workspace, stage, pull=pull, extra_env=extra)
+        seconds = round(time.monotonic() - started, 2)
+        for name, outcome in touched.items():
+            if name not in outcomes:
+                outcomes[name] = ws_lib.StageOutcome(name, outcome, seconds if name == stage else 0.0, pool).as_dict()
+        outcomes.setdefault(stage, ws_lib.StageOutcome(stage, "unchanged", seconds, pool).as_dict())
+    return list(outcomes.values())
+
+
+@flow(name=STAGE_FLOW, log_prints=True)
+def stage_flow(
+    stages: list[str],
+    revision: str,
+    overrides: dict[str, Any] | None = None,
+    profile: str | None = None,
+    repo: str | None = None,
+    pipeline_run_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Run DVC stages in this worker's own working copy at `revision`: inputs come from the
+    shared remote (`dvc repro --pull`: upstream stages are restored, not recomputed), outputs and
+    the run cache go back to it (`dvc push --run-cache`). Deployed on the `gpu` pool."""
+    from prefect.artifacts import create_table_artifact
+    from prefect.runtime import flow_run
+
+    logger = get_run_logger()
+    name = f"{pipeline_run_id or 'stage'}-{flow_run.get_id() or 'local'}"
+    workspace = ws_lib.create_workspace(name, revision=revision, overrides=overrides or {}, profile=profile, repo=repo)
+    logger.info("working copy %s at %s (remote %s)", workspace.path, workspace.revision[:12], workspace.remote)
+    outcomes = run_stages_here(workspace, stages, pull=True, pipeline_run_id=pipeline_run_id)
+    ws_lib.push(workspace)
+    create_table_artifact(outcomes, key=OUTCOMES_ARTIFACT, description=f"stages {', '.join(stages)} in {workspace.path}")
+    return outcomes
+
+
+def _outcomes_of(flow_run_id) -> list[dict[str, Any]]:
+    """The outcome table a `stage_flow` run published (artifacts travel through the API, so
+    this works when the GPU worker is another machine)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[OUTCOMES_ARTIFACT])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+        )
+    if not found:
+        return []
+    data = found[0].data
+    return json.loads(data) if isinstance(data, str) else list(data)
+
+
+def dispatch_to_gpu(
+    stages: Sequence[str],
+    *,
+    revision: str,
+    overrides: Mapping[str, Any],
+    profile: str | None,
+    pipeline_run_id: str | None,
+    deployment: str = GPU_DEPLOYMENT,
+) -> list[dict[str, Any]]:
+    """Run `stages` on the GPU pool with `run_deployment` (a subflow of the caller) and wait;
+    raises if that run did not complete."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(
+        deployment,
+        parameters={
+            "stages": list(stages), "revision": revision, "overrides": dict(overrides), "profile": profile,
+            "repo": os.environ.get(ws_lib.REPO_ENV), "pipeline_run_id": pipeline_run_id,
+        },
+        timeout=None,
+        poll_interval=2,
+    )
+    if flow_run.state is None or not flow_run.state.is_completed():
+        state = flow_run.state.name if flow_run.state else "unknown"
+        raise RuntimeError(f"GPU stages {list(stages)} ended {state} (flow run {flow_run.id} on {deployment})")
+    return _outcomes_of(flow_run.id)
