@@ -25,13 +25,17 @@ def paths_for(ablation: str, base_dir: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dynaplan.train.ppo import ABLATIONS, PpoDivergence, ppo_stage
-
     parser = argparse.ArgumentParser(prog="python -m tasks.ppo", description=__doc__)
-    parser.add_argument("--ablation", choices=sorted(ABLATIONS), required=True)
+    parser.add_argument("--ablation", required=True, help="sft_dynamic | sft_never | base")
     args = parser.parse_args(argv)
     try:
-        params = load_params()
+        params = load_params()  # before importing torch: a bad params file fails in a blink
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    from dynaplan.train.ppo import PpoDivergence, ppo_stage
+
+    try:
         out = ppo_stage(params, args.ablation, paths_for(args.ablation, Path(params.model.dir)))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

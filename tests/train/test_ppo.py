@@ -188,20 +188,33 @@ def _adapter_weights(folder):
     return load_file(folder / "adapter_model.safetensors")
 
 
-def test_stage_registers_checkpoints_and_a_killed_run_resumes_exactly(tracked, tiny_model_dir, monkeypatch):
+def test_stage_registers_each_checkpoint_as_a_ppo_version_and_exports_the_adapter(tracked, tiny_model_dir):
     import mlflow
 
     from dynaplan import tracking
     from dynaplan.train import ppo
 
-    params = _params(iterations=2, learning_rate=0.05, minibatch_size=2)
-    straight = ppo.ppo_stage(params, "base", _paths(tracked / "a", tiny_model_dir), progress=False)
-    assert straight["iterations"] == 2 and straight["model_uri"].startswith("models:/dynaplan-agent/")
+    params = _params(iterations=2)
+    paths = _paths(tracked, tiny_model_dir)
+    out = ppo.ppo_stage(params, "base", paths, progress=False)
+    assert out["iterations"] == 2 and out["model_uri"] == f"models:/{tracking.AGENT_MODEL}/{out['model_version']}"
     versions = mlflow.MlflowClient().search_model_versions(f"name = '{tracking.AGENT_MODEL}'")
     assert sorted(v.tags["iteration"] for v in versions) == ["1", "2"]
-    assert {v.tags["stage"] for v in versions} == {"ppo"} and {v.tags["plan_cost"] for v in versions} == {str(params.ppo.plan_cost)}
+    assert {v.tags["stage"] for v in versions} == {"ppo"} and {v.tags["ablation"] for v in versions} == {"base"}
+    assert {v.tags["plan_cost"] for v in versions} == {str(params.ppo.plan_cost)}
+    assert (paths.out_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (paths.out_dir / "value_head.safetensors").is_file()
+    runs = mlflow.search_runs(experiment_names=["dynaplan"], filter_string="tags.`dynaplan.stage` = 'ppo@base'")
+    history = mlflow.MlflowClient().get_metric_history(runs.iloc[0].run_id, "losses/clipfrac")
+    assert [m.step for m in history] == [1, 2]
 
-    # The same run killed after its first checkpoint, then re-run: same weights at the end.
+
+def test_a_run_killed_after_a_checkpoint_resumes_exactly(tmp_path, tiny_model_dir, monkeypatch):
+    from dynaplan.train import ppo
+
+    params = _params(iterations=2, learning_rate=0.05, minibatch_size=2)
+    straight = ppo.train(params, "base", base_dir=tiny_model_dir, sft_adapter=None, checkpoint_dir=tmp_path / "a", progress=False)
+
     real_save = ppo.save_checkpoint
 
     def save_then_die(root, iteration, *args, **kwargs):
@@ -210,19 +223,91 @@ def test_stage_registers_checkpoints_and_a_killed_run_resumes_exactly(tracked, t
             raise KeyboardInterrupt("killed")
         return path
 
-    paths = _paths(tracked / "b", tiny_model_dir)
     monkeypatch.setattr(ppo, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        ppo.ppo_stage(params, "base", paths, progress=False)
+        ppo.train(params, "base", base_dir=tiny_model_dir, sft_adapter=None, checkpoint_dir=tmp_path / "b", progress=False)
     monkeypatch.setattr(ppo, "save_checkpoint", real_save)
-    resumed = ppo.ppo_stage(params, "base", paths, progress=False)
-    a, b = _adapter_weights(tracked / "a/models/ppo-base/adapter"), _adapter_weights(paths.out_dir / "adapter")
+    resumed = ppo.train(params, "base", base_dir=tiny_model_dir, sft_adapter=None, checkpoint_dir=tmp_path / "b", progress=False)
+
+    a, b = _adapter_weights(straight.checkpoint / "adapter"), _adapter_weights(resumed.checkpoint / "adapter")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert resumed["last"]["episode/return"] == straight["last"]["episode/return"]
-    # ... and the weights did move (the comparison above is not trivially true).
-    fresh = ppo.load_policy_model(tiny_model_dir, ppo.ABLATIONS["base"], None, params.ppo)[0]
-    start = {k: v for k, v in fresh.state_dict().items() if "lora_B" in k}
-    assert any(not torch.equal(v, torch.zeros_like(v)) for v in b.values())
-    assert all(torch.equal(v, torch.zeros_like(v)) for v in start.values())
+    for before, after in zip(straight.history, resumed.history, strict=True):  # timings aside, identical
+        same = {k: v for k, v in before.items() if not k.startswith("perf/")}
+        np.testing.assert_equal(same, {k: after[k] for k in same})
+    # The weights did move from the fresh LoRA (B = 0), so the equality above is not trivial.
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in b.items() if "lora_B" in k)
+
+
+def test_kl_to_the_sft_reference_is_zero_at_the_first_update(tmp_path, tiny_model_dir):
+    from dynaplan.train import ppo
+
+    sft_root = tmp_path / "models"
+    _sft_like_adapter(tiny_model_dir, sft_root / "sft-dynamic" / "adapter")
+    # One minibatch, one epoch: the only KL measured is the one before any optimizer step.
+    params = _params(iterations=1, minibatch_size=64, update_epochs=1, kl_coef=0.1)
+    result = ppo.train(params, "sft_dynamic", base_dir=tiny_model_dir, sft_adapter=sft_root / "sft-dynamic" / "adapter",
+                       checkpoint_dir=tmp_path / "ck", progress=False)
+    first = result.history[0]
+    assert first["losses/kl_ref"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rollout/logprob_max_abs_diff"] < 1e-3
+    # The reference really is the SFT adapter, not the bare base: they disagree on these tokens.
+    model, _ = ppo.load_policy_model(tiny_model_dir, ppo.ABLATIONS["sft_dynamic"], sft_root / "sft-dynamic" / "adapter", params.ppo)
+    ids = [[1, 2, 3, 4, 5, 6]]
+    with torch.no_grad():
+        with ppo.reference_policy(model, ppo.ABLATIONS["sft_dynamic"]):
+            ref = ppo.turn_forward(model, ppo.ValueHead(64), ids, [[7, 8]], temperature=1.0, pad_id=0)[0]
+        with model.disable_adapter():
+            bare = ppo.turn_forward(model, ppo.ValueHead(64), ids, [[7, 8]], temperature=1.0, pad_id=0)[0]
+        policy = ppo.turn_forward(model, ppo.ValueHead(64), ids, [[7, 8]], temperature=1.0, pad_id=0)[0]
+    assert torch.allclose(ref, policy) and not torch.allclose(ref, bare)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n and ".default." in n)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".reference." in n)
+
+
+def test_a_reference_adapter_from_another_base_model_is_rejected_before_any_rollout(tmp_path, tiny_model_dir, smollm2_tokenizer_dir, monkeypatch):
+    from dynaplan.models.materialize import build_tiny_model
+    from dynaplan.train import ppo
+
+    other = build_tiny_model(tmp_path / "other", smollm2_tokenizer_dir, hidden_size=32, num_heads=2, num_kv_heads=1, seed=1)
+    adapter = _sft_like_adapter(other, tmp_path / "models" / "sft-dynamic" / "adapter")
+
+    def no_rollouts(*args, **kwargs):
+        raise AssertionError("rolled out despite a bad reference adapter")
+
+    monkeypatch.setattr("dynaplan.train.rollout.run_episodes", no_rollouts)
+    with pytest.raises(ConfigError, match="adapter"):
+        ppo.train(_params(), "sft_dynamic", base_dir=tiny_model_dir, sft_adapter=adapter, checkpoint_dir=tmp_path / "ck", progress=False)
+    with pytest.raises(ConfigError, match="not found"):
+        ppo.train(_params(), "sft_dynamic", base_dir=tiny_model_dir, sft_adapter=tmp_path / "missing", checkpoint_dir=tmp_path / "ck", progress=False)
+
+
+def test_the_task_exits_2_on_bad_params(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "params.yaml").write_text("ppo: {plan_cost: -0.5, num_envs: 0}\n")
+    done = subprocess.run([sys.executable, "-m", "tasks.ppo", "--ablation", "base"], cwd=tmp_path, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2, done.stderr
+    assert "ppo.plan_cost" in done.stderr and "ppo.num_envs" in done.stderr
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    from dynaplan.train import ppo
+
+    real = ppo.turn_rewards
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        rewards = real(*args, **kwargs)
+        return rewards * np.nan if len(calls) == 2 else rewards
+
+    monkeypatch.setattr(ppo, "turn_rewards", poisoned)
+    with pytest.raises(ppo.PpoDivergence, match="iteration 2.*iter-000001"):
+        ppo.train(_params(iterations=3), "base", base_dir=tiny_model_dir, sft_adapter=None, checkpoint_dir=tmp_path, progress=False)
+    assert ppo.latest_checkpoint(tmp_path).name == "iter-000001"
