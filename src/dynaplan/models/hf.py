@@ -357,16 +357,31 @@ class HFBackend:
         return self.generate_with_seeds(requests, sampling, seeds)
 
     def generate_with_seeds(
-        self, requests: Sequence[GenerationRequest], sampling: SamplingParams, seeds: Sequence[int]
+        self,
+        requests: Sequence[GenerationRequest],
+        sampling: SamplingParams,
+        seeds: Sequence[int],
+        logit_bias: dict[int, float] | None = None,
     ) -> list[Generation]:
-        """Like `generate`, with an explicit seed per answer (the server uses this)."""
+        """Like `generate`, with an explicit seed per answer and an optional OpenAI-style
+        `logit_bias` (token id -> bias added to the logits at every position, all answers; it
+        shapes sampling but not the reported log-probs). The server uses this."""
         if len(seeds) != len(requests):
             raise ValueError("one seed per request")
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        bias = None
+        if logit_bias:
+            bad = [t for t in logit_bias if not 0 <= int(t) < vocab]
+            if bad:
+                raise ValueError(f"logit_bias token ids out of range [0, {vocab}): {bad[:5]}")
+            bias = torch.zeros(vocab, device=self.device)
+            for token, value in logit_bias.items():
+                bias[int(token)] = float(value)
         prompts = [self._encode(r) for r in requests]
         results: list[Generation] = []
         for start in range(0, len(requests), self.max_batch_size):
             end = start + self.max_batch_size
-            results += self._generate_batch(requests[start:end], prompts[start:end], sampling, seeds[start:end])
+            results += self._generate_batch(requests[start:end], prompts[start:end], sampling, seeds[start:end], bias)
         return results
 
     @torch.no_grad()
@@ -376,6 +391,7 @@ class HFBackend:
         prompts: list[_Prompt],
         sampling: SamplingParams,
         seeds: Sequence[int],
+        bias: torch.Tensor | None = None,
     ) -> list[Generation]:
         n = len(requests)
         if n == 0:
@@ -426,7 +442,8 @@ class HFBackend:
         for step in range(int(sampling.max_new_tokens)):
             scaled = logits.float() / scale
             logp_full = torch.log_softmax(scaled, dim=-1)
-            masked = scaled.clone()
+            masked = scaled if bias is None else scaled + bias
+            masked = masked.clone() if banned is not None else masked
             if banned is not None:
                 for r, orig in enumerate(active):
                     if blank[orig]:
