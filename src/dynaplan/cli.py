@@ -98,6 +98,38 @@ def evaluate_cmd(
     console.print(f"outputs in {paths['metrics'].parent}")
 
 
+@app.command("serve")
+def serve_cmd(
+    model: list[Path] = typer.Option(..., help="model dir (safetensors HF dir, e.g. models/base); repeat to serve several"),
+    adapter: Path = typer.Option(None, help="optional PEFT LoRA adapter dir trained on --model (one model only)"),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port"),
+    host: str = typer.Option("127.0.0.1", help="bind address (keep loopback unless you mean it)"),
+    name: str = typer.Option(None, help="model name clients send (default: the --model path)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    max_batch: int = typer.Option(32, min=1, help="largest batch of concurrent requests"),
+) -> None:
+    """Serve --model (+ --adapter) as an OpenAI-compatible /v1/chat/completions API (vLLM dialect)."""
+    for path in model:
+        if not (path / "config.json").is_file():
+            fail_usage(f"--model {path}: no config.json there (run `dvc repro base_model` for models/base)")
+    if len(model) > 1 and (adapter is not None or name is not None):
+        fail_usage("--adapter and --name need exactly one --model")
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        fail_usage(f"--adapter {adapter}: no adapter_config.json there")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        fail_usage(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
+    from dynaplan.models.hf import AdapterMismatchError
+    from dynaplan.models.server import serve
+
+    err_console.print(f"serving {', '.join(map(str, model))} on http://{host}:{port}/v1")
+    try:
+        serve([str(m) for m in model], None if adapter is None else str(adapter), host=host, port=port,
+              model_name=name, device=device, dtype=dtype, max_batch=max_batch)
+    except AdapterMismatchError as err:
+        fail_usage(str(err))
+
+
 @app.command("replay")
 def replay_cmd(
     episode: str = typer.Argument(..., help="an evaluation folder or its steps.jsonl, optionally #EPISODE_ID (default: its first episode)"),
