@@ -62,6 +62,17 @@ class CrafterExpert:
     """Priority-driven Crafter player: survive (fight, drink, eat, sleep walled in), then pursue the
     next achievement in the tech tree, exploring its remembered map when it lacks a resource."""
 
+    # Survival thresholds (tuned with benchmarks/crafter_expert.py).
+    rest_health = 0  # at or below: wall in and rest (0: never)
+    rest_health_enemies = 0  # ... or at or below this with an enemy within 6 steps
+    night_sleep_energy = 0  # sleep at night at or below this energy (0: only when tired)
+    tired_energy = 3
+    food_urgent = 4
+    drink_urgent = 4
+    shelter_max_cost = 40
+    skeleton_avoid_radius = 3
+    skeleton_avoid_cost = 4
+
     def __init__(
         self,
         *,
@@ -93,6 +104,7 @@ class CrafterExpert:
         self._explore_kind = ""
         self._shelter: tuple[int, tuple[int, int]] | None = None
         self._sleep_mode = False
+        self._rest_mode = False
         self._drinking = False
         self._eating = False
         self._sapling_tries = 0
@@ -100,6 +112,8 @@ class CrafterExpert:
         self._pending_plant: int | None = None
         self._last_positions: list[int] = []
         self._chase_steps = 0
+        self._danger_step = -1
+        self._danger_cells: dict[int, int] = {}
         self.goal = SubGoal("start", "look around", "the game just started")
         self.last_plan: str | None = None
         self._ready = True
@@ -195,8 +209,27 @@ class CrafterExpert:
 
     def _search(self, is_goal: Callable[[int], bool], *, tunnel: bool = True, max_cost: int = 400) -> list[int] | None:
         return self.map.search(
-            self.cell, self._costs(tunnel=tunnel), is_goal, max_cost=max_cost, creature_cost=CREATURE_COST
+            self.cell, self._costs(tunnel=tunnel), is_goal, max_cost=max_cost, creature_cost=CREATURE_COST,
+            danger=self._danger(),
         )
+
+    def _danger(self) -> dict[int, int]:
+        """Extra path cost near visible skeletons (their arrows) so paths keep out of their range."""
+        if self._danger_step == self.t:
+            return self._danger_cells
+        danger: dict[int, int] = {}
+        size = self.map_size
+        radius = self.skeleton_avoid_radius
+        for cell, kind in self.map.creatures.items():
+            if kind != "skeleton" or not radius:
+                continue
+            x, y = divmod(cell, size)
+            for cx in range(max(0, x - radius), min(size, x + radius + 1)):
+                for cy in range(max(0, y - radius), min(size, y + radius + 1)):
+                    if abs(cx - x) + abs(cy - y) <= radius:
+                        danger[cx * size + cy] = danger.get(cx * size + cy, 0) + self.skeleton_avoid_cost
+        self._danger_step, self._danger_cells = self.t, danger
+        return danger
 
     def _adjacent_goal(self, targets: set[int]) -> Callable[[int], bool]:
         """Goal: a cell with a target among its 4 neighbours."""
@@ -350,7 +383,7 @@ class CrafterExpert:
 
     # ------------------------------------------------------------------ decision
     def _decide(self) -> tuple[str, SubGoal]:
-        for decide in (self._fight, self._sleep, self._drink, self._eat, self._progress):
+        for decide in (self._fight, self._critical, self._sleep, self._drink, self._eat, self._progress):
             result = decide()
             if result is not None:
                 return result
@@ -396,22 +429,53 @@ class CrafterExpert:
             i += 1
         return True
 
+    def _critical(self) -> tuple[str, SubGoal] | None:
+        """Food or drink about to run out comes before resting and sleeping."""
+        if self.status["drink"] <= 2:
+            return self._drink()
+        if self.status["food"] <= 2:
+            return self._eat()
+        return None
+
+    def _is_night(self) -> bool:
+        # The agent counts its own steps; crafter's daylight has a 300-step period and is darkest
+        # 210 steps into it (env._update_time), when zombies crowd the grass.
+        return 165 <= self.t % 300 <= 255
+
+    def _enemies_within(self, distance: int) -> bool:
+        x, y = self.pos
+        for cell, kind in self.map.creatures.items():
+            if kind in ("zombie", "skeleton", "arrow"):
+                cx, cy = self.map.xy(cell)
+                if abs(cx - x) + abs(cy - y) <= distance:
+                    return True
+        return False
+
     def _sleep(self) -> tuple[str, SubGoal] | None:
-        energy = self.status["energy"]
-        if energy <= 3:
+        energy, health = self.status["energy"], self.status["health"]
+        if energy <= self.tired_energy or (energy <= self.night_sleep_energy and self._is_night()):
             self._sleep_mode = True
         if energy >= 9:
             self._sleep_mode = False
+        if health <= self.rest_health or (health <= self.rest_health_enemies and self._enemies_within(6)):
+            self._rest_mode = True
+        if health >= 7:
+            self._rest_mode = False
+        if not (self._sleep_mode or self._rest_mode):
             self._shelter = None
-        if not self._sleep_mode:
             return None
-        why = f"my energy is low ({energy}/9) and zombies hit sleepers hard"
+        if self._sleep_mode:
+            why = f"my energy is low ({energy}/9) and zombies hit sleepers hard"
+        else:
+            why = f"my health is low ({health}/9) and I recover safely behind stone"
         if self._sealed():
-            return "Sleep", SubGoal("sleep", "sleep here, walled in", why)
+            if energy < 9:
+                return "Sleep", SubGoal("sleep", "sleep here, walled in", why)
+            return "Noop", SubGoal("rest", "rest here, walled in, until my health recovers", why)
         action = self._shelter_step()
         if action is not None:
             return action, SubGoal("shelter", "wall myself in with stone and sleep", why)
-        if energy == 0:
+        if self._sleep_mode and energy == 0:
             return "Sleep", SubGoal("sleep", "sleep right here", "my energy is empty")
         return None
 
@@ -501,7 +565,7 @@ class CrafterExpert:
                     return True
             return False
 
-        path = m.search(self.cell, costs, goal, max_cost=40, creature_cost=CREATURE_COST)
+        path = m.search(self.cell, costs, goal, max_cost=self.shelter_max_cost, creature_cost=CREATURE_COST)
         if path is None:
             return None
         return path[-1], found[path[-1]]
@@ -515,10 +579,12 @@ class CrafterExpert:
             if drink <= 3:
                 return self._explore("water")
             return None
-        urgent = drink <= 4 or self._drinking
+        urgent = drink <= self.drink_urgent or self._drinking
         if urgent:
             max_cost = 400
-        elif drink <= 6 or "collect_drink" not in self.achieved:
+        elif drink <= 6:
+            max_cost = 30
+        elif "collect_drink" not in self.achieved:
             max_cost = 8
         elif self.front in water and drink < 9:
             return "Do", SubGoal("drink", "drink the water in front of me", f"my drink is {drink}/9")
@@ -526,7 +592,7 @@ class CrafterExpert:
             return None
         found = self._interact(water, max_cost=max_cost)
         if found is None:
-            if drink <= 3:
+            if drink <= self.drink_urgent:
                 return self._explore("water")
             return None
         if urgent:
@@ -543,21 +609,33 @@ class CrafterExpert:
             if found is not None:
                 return found[0], SubGoal("eat_plant", f"eat the ripe plant {self._offset(found[1])}", "the sapling I planted has grown")
         cows = self._creatures("cow") | set(self.map.cow_memory)
-        urgent = food <= 4 or self._eating
+        urgent = food <= self.food_urgent or self._eating
         if urgent:
             max_cost = 400
-        elif food <= 6 or "eat_cow" not in self.achieved:
+        elif food <= 7:
+            max_cost = 25
+        elif "eat_cow" not in self.achieved:
             max_cost = 8
         else:
             return None
         found = self._interact(cows, max_cost=max_cost) if cows else None
         if found is None:
-            if food <= 3:
-                return self._explore("cows")
+            if food <= self.food_urgent:
+                return self._look_for_cows()
             return None
         if urgent:
             self._eating = True
         return found[0], SubGoal("eat", f"hunt and eat the cow {self._offset(found[1])}", f"my food is {food}/9")
+
+    def _look_for_cows(self) -> tuple[str, SubGoal]:
+        """Cows roam the grass: walk to grass not looked at for a while, else explore."""
+        seen, mat, t = self.map.seen_step, self.map.mat, self.t
+        path = self._search(lambda c: mat[c] == GRASS and t - seen[c] > 80, max_cost=200)
+        if path is None or len(path) < 2:
+            return self._explore("cows")
+        return self._step_along(path), SubGoal(
+            "eat", f"look for cows on the grass {self._offset(path[-1])}", f"my food is {self.status['food']}/9 and cows graze on grass"
+        )
 
     # ------------------------------------------------------------------ the tech tree
     def _progress(self) -> tuple[str, SubGoal] | None:
@@ -611,7 +689,7 @@ class CrafterExpert:
         stone_target = (not self._has("stone_pickaxe")) + (not self._has("stone_sword"))
         stone_target += PLACE_USES["furnace"]["stone"] if "place_furnace" not in done else 0
         stone_target = min(9, stone_target + 2)
-        if stone < max(1, stone_target if "place_furnace" not in done else 1):
+        if stone < (stone_target if "place_furnace" not in done else 3):
             result = self._collect({STONE}, "stone", f"I need stone for tools, a furnace and shelters (have {stone})")
             if result is not None:
                 return result

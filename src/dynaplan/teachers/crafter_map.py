@@ -7,6 +7,7 @@ never read the env's world. Tiles never seen stay unknown and are never walked o
 from __future__ import annotations
 
 import heapq
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 
 MATERIALS: tuple[str, ...] = (
@@ -43,6 +44,7 @@ class CrafterMap:
         self.size = size
         self.mat = bytearray(size * size)
         self.seen_count = 0
+        self.seen_step = array("i", [-(10**6)]) * (size * size)  # when each cell was last in view
         self.creatures: dict[int, str] = {}  # cell -> name, from the latest view only
         self.cow_memory: dict[int, int] = {}  # cell -> step a cow was last seen there
         # Cells of each material code, kept in step with `mat` so target look-ups cost nothing.
@@ -74,7 +76,7 @@ class CrafterMap:
     def update(self, local_view: Sequence[Sequence[str]], player_pos: Sequence[int], step: int) -> None:
         """Write one 9x7 view (rows north->south, columns west->east, player at row 3, col 4)."""
         px, py = int(player_pos[0]), int(player_pos[1])
-        size, mat, set_code = self.size, self.mat, self.set_code
+        size, mat, set_code, seen_step = self.size, self.mat, self.set_code, self.seen_step
         self.creatures = {}
         for row, names in enumerate(local_view):
             y = py + row - 3
@@ -83,6 +85,7 @@ class CrafterMap:
                 if not (0 <= x < size and 0 <= y < size):
                     continue
                 cell = x * size + y
+                seen_step[cell] = step
                 code = CODE.get(name)
                 if code is not None:
                     if mat[cell] != code:
@@ -135,12 +138,14 @@ class CrafterMap:
         *,
         max_cost: int = 400,
         creature_cost: dict[str, int] | None = None,
+        danger: dict[int, int] | None = None,
     ) -> list[int] | None:
         """Cheapest path (cells from start to a goal) under per-material `costs` (0 = blocked).
 
         Dijkstra with early exit: targets are usually near, so few cells are expanded. The start
         cell itself may be a goal. Creatures in the latest view add their cost (0 = blocked)."""
         creature_cost = creature_cost or {}
+        danger = danger or {}
         mat, size, creatures = self.mat, self.size, self.creatures
         dist = {start: 0}
         parent = {start: -1}
@@ -177,7 +182,7 @@ class CrafterMap:
                     if not extra:
                         continue
                     step_cost += extra
-                nd = d + step_cost
+                nd = d + step_cost + danger.get(nxt, 0)
                 if nd < dist.get(nxt, 1 << 30):
                     dist[nxt] = nd
                     parent[nxt] = cell
