@@ -95,9 +95,11 @@ def test_log_dataset_and_artifact_attach_to_the_active_run(in_store):
     with tracking.stage_run("generate", {}) as run:
         tracking.log_dataset(in_store / "data", "teacher", "d1g3st", "training", schema=pa.schema([("step", pa.int32())]))
         tracking.log_artifact(in_store / "data")
+        tracking.log_dataset(in_store / "data", "long", "f" * 64, "validation")
     inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
-    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("teacher", "d1g3st")]
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("teacher", "d1g3st"), ("long", "f" * 32)]
     assert "step" in inputs[0].dataset.schema
+    assert {t.key: t.value for t in inputs[1].tags}[tracking.TAG_FULL_DIGEST] == "f" * 64
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"a.txt", "sub"} <= artifacts
 

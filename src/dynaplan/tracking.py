@@ -34,6 +34,9 @@ TAG_KIND = "dynaplan.kind"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_DVC_DEP = "dvc.dep."
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
+_MAX_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest
+DATASET_DIGEST_CHARS = 32
+TAG_FULL_DIGEST = "dynaplan.digest"
 
 
 def project_root() -> Path:
@@ -248,7 +251,9 @@ def log_dataset(
     schema: Any = None,
     tags: Mapping[str, str] | None = None,
 ) -> None:
-    """Record a dataset on disk as an MLflow dataset input of the active run, with our digest.
+    """Record a dataset on disk as an MLflow dataset input of the active run, with our digest
+    (a digest longer than MLflow's 36 characters is stored as its first 32, whole in the input
+    tag `dynaplan.digest`).
 
     `schema` may be a pyarrow schema (converted to an MLflow column schema) or None.
     """
@@ -260,8 +265,13 @@ def log_dataset(
         # Two registered classes both claim file:// URIs; MLflow picks the local one, as we want.
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(Path(path).resolve().as_uri())
-    dataset = MetaDataset(source=source, name=name, digest=digest, schema=_mlflow_schema(schema))
-    mlflow.log_input(dataset, context=context, tags=dict(tags) if tags else None)
+    input_tags = dict(tags or {})
+    if len(digest) > _MAX_DIGEST_CHARS:
+        # MLflow caps a dataset digest at 36 characters: keep a prefix there, the whole in a tag.
+        input_tags[TAG_FULL_DIGEST] = digest
+    short = digest[:DATASET_DIGEST_CHARS] if len(digest) > _MAX_DIGEST_CHARS else digest
+    dataset = MetaDataset(source=source, name=name, digest=short, schema=_mlflow_schema(schema))
+    mlflow.log_input(dataset, context=context, tags=input_tags or None)
 
 
 def _mlflow_schema(schema: Any):
@@ -326,3 +336,168 @@ def set_alias(model_name: str, alias: str, version: str) -> None:
 
 def delete_alias(model_name: str, alias: str) -> None:
     _mlflow().MlflowClient().delete_registered_model_alias(model_name, alias)
+
+
+# --- the agent registry: SFT/PPO adapters as versions of `dynaplan-agent` (SFT helper) ---------
+
+AGENT_MODEL = "dynaplan-agent"
+_AGENT_PYFUNC = Path(__file__).resolve().parent / "train" / "agent_pyfunc.py"
+# Adapter files a version needs (a checkpoint also holds optimizer and RNG state: not logged).
+_ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "dynaplan_adapter.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
+
+
+def _agent_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for package in ("torch", "transformers", "peft", "safetensors", "mlflow"):
+        try:
+            reqs.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pass
+    return reqs
+
+
+def log_agent_model(
+    adapter_dir: str | os.PathLike[str],
+    base_model_dir: str | os.PathLike[str],
+    *,
+    example_messages: list[dict[str, str]],
+    base_model: str,
+    name: str = "agent",
+    max_new_tokens: int = 96,
+    step: int = 0,
+) -> Any:
+    """Log an adapter as an MLflow pyfunc model (models from code: `train/agent_pyfunc.py`, the
+    adapter files as an artifact, the base model referenced by its directory, not copied) in
+    the active run, with a signature (JSON chat prompt in, answer out) and an input example.
+    Returns MLflow's ModelInfo. Logging loads the model once to check the example answers."""
+    import tempfile
+
+    import pandas as pd
+
+    mlflow = _mlflow()
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    adapter_dir = Path(adapter_dir)
+    base_model_dir = Path(base_model_dir).resolve()
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "messages")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [
+                ParamSpec("max_new_tokens", "long", max_new_tokens),
+                ParamSpec("temperature", "double", 0.0),
+                ParamSpec("seed", "long", 0),
+            ]
+        ),
+    )
+    example = pd.DataFrame({"messages": [json.dumps(example_messages)]})
+    with tempfile.TemporaryDirectory(prefix="dynaplan-adapter-") as tmp:
+        # Only the adapter and tokenizer: a Trainer checkpoint's optimizer state stays behind.
+        staged = Path(tmp) / "adapter"
+        staged.mkdir()
+        for file_name in _ADAPTER_FILES:
+            if (adapter_dir / file_name).is_file():
+                (staged / file_name).write_bytes((adapter_dir / file_name).read_bytes())
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(_AGENT_PYFUNC),
+            artifacts={"adapter": str(staged)},
+            model_config={
+                "base_model_dir": str(base_model_dir),
+                "base_model": base_model,
+                "max_new_tokens": max_new_tokens,
+            },
+            signature=signature,
+            input_example=example,
+            pip_requirements=_agent_requirements(),
+            step=step,
+        )
+
+
+def register_agent(
+    model_uri: str,
+    *,
+    stage: str,
+    variant: str,
+    base_model: str,
+    dataset_digest: str,
+    plan_cost: float | None = None,
+    extra_tags: Mapping[str, Any] | None = None,
+    name: str = AGENT_MODEL,
+) -> Any:
+    """Register a logged agent model as a new version of `dynaplan-agent`, tagged with the
+    stage (sft|ppo), variant, base model, dataset digest, git commit and plan cost."""
+    mlflow = _mlflow()
+    tags: dict[str, str] = {
+        "stage": stage,
+        "variant": variant,
+        "base_model": base_model,
+        "dataset_digest": dataset_digest,
+        "git_commit": git_commit() or "unknown",
+    }
+    if plan_cost is not None:
+        tags["plan_cost"] = str(plan_cost)
+    for key, value in (extra_tags or {}).items():
+        tags[key] = value if isinstance(value, str) else json.dumps(value)
+    return mlflow.register_model(model_uri, name, tags=tags)
+
+
+def load_agent(model_uri: str, dst: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
+    """`models:/dynaplan-agent/<version>` or `models:/dynaplan-agent@<alias>` -> (base model dir,
+    adapter dir), what `HFBackend(base_dir, adapter_dir)` loads. The adapter is downloaded;
+    the base model is the directory recorded at logging time (`DYNAPLAN_BASE_MODEL_DIR`
+    overrides it, e.g. on another machine). Raises FileNotFoundError if that dir is missing."""
+    mlflow = _mlflow()
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=None if dst is None else str(dst)))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    pyfunc = mlmodel.get("flavors", {}).get("python_function", {})
+    config = pyfunc.get("config") or pyfunc.get("model_config") or {}
+    adapter = local / "artifacts" / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        found = list(local.rglob("adapter_config.json"))
+        if not found:
+            raise FileNotFoundError(f"{model_uri}: no adapter in the model's artifacts ({local})")
+        adapter = found[0].parent
+    base = Path(os.environ.get("DYNAPLAN_BASE_MODEL_DIR") or config.get("base_model_dir", ""))
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_uri}: base model dir {str(base)!r} not found; set DYNAPLAN_BASE_MODEL_DIR to the "
+            f"base model {config.get('base_model')!r} the adapter was trained on"
+        )
+    return base, adapter
+
+
+def resolve_version(model_uri: str) -> str:
+    """The version number behind `models:/<name>/<version>` or `models:/<name>@<alias>`."""
+    body = model_uri.removeprefix("models:/")
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return str(_mlflow().MlflowClient().get_model_version_by_alias(name, alias).version)
+    return body.rsplit("/", 1)[1]
+
+
+def set_version_metrics(
+    version: str, metrics: Mapping[str, Any], prefix: str = "metric.", name: str = AGENT_MODEL
+) -> None:
+    """Record evaluation results on a version: one `<prefix><key>` tag per numeric metric
+    (nested dicts become dotted keys), shown in the registry UI next to the version's tags."""
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    numeric = {
+        key: float(value)
+        for key, value in flatten(dict(metrics)).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(float(value))
+    }
+    for key, value in numeric.items():
+        client.set_model_version_tag(name, str(version), f"{prefix}{key}", f"{value:.6g}")
