@@ -425,6 +425,93 @@ def restore_checkpoint(path: Path, model, value_head, optimizer) -> dict:
 # --------------------------------------------------------------------------- the loop
 
 
+def update(model, value_head: ValueHead, optimizer, turns: Turns, args: PpoParams, ablation: Ablation, *,
+           pad_id: int, iteration: int, last_checkpoint: Path | None = None) -> dict:
+    """Score the iteration's turns (old values, reference log-probs), compute the cost-charged
+    rewards and GAE, then run epochs of shuffled minibatches of the clipped PPO loss."""
+    lora_params = [p for group in optimizer.param_groups[:1] for p in group["params"]]
+    # ---- old values, reference log-probs (adapter switch, no second model), rewards, GAE
+    t1 = time.perf_counter()
+    n = len(turns)
+    gen_len = max(1, max(len(c) for c in turns.token_ids))
+    oldlogprob = padded(turns.logprobs, gen_len)
+    oldvalues, reflogprob, recomputed = torch.zeros(n), torch.zeros(n, gen_len), torch.zeros(n, gen_len)
+    with torch.no_grad():
+        for lo in range(0, n, args.minibatch_size):
+            idx = list(range(lo, min(n, lo + args.minibatch_size)))
+            prompts, comps = [turns.prompt_token_ids[i] for i in idx], [turns.token_ids[i] for i in idx]
+            logp, _, _, values = turn_forward(model, value_head, prompts, comps, temperature=args.temperature, pad_id=pad_id)
+            width = logp.shape[1]
+            recomputed[idx, gen_len - width:] = logp
+            oldvalues[idx] = values
+            if args.kl_coef > 0:
+                with reference_policy(model, ablation):
+                    ref, _, _, _ = turn_forward(model, value_head, prompts, comps, temperature=args.temperature, pad_id=pad_id)
+                reflogprob[idx, gen_len - width:] = ref
+    rewards = turn_rewards(
+        turns.env_rewards, turns.plan_tokens, turns.planned,
+        reward_scale=args.reward_scale, plan_cost=args.plan_cost, plan_penalty=args.plan_penalty,
+    )
+    advantages, returns = compute_gae(rewards, oldvalues.numpy(), turns.dones, gamma=args.gamma, gae_lambda=args.gae_lambda)
+    advantages_t, returns_t = torch.tensor(advantages, dtype=torch.float32), torch.tensor(returns, dtype=torch.float32)
+    t_score = time.perf_counter() - t1
+
+    # ---- update: epochs of shuffled minibatches over turns
+    t2 = time.perf_counter()
+    rng = np.random.default_rng([args.seed, iteration])
+    clipfracs, stats = [], {"pg_loss": [], "v_loss": [], "entropy": [], "kl": [], "approx_kl": []}
+    trained_tokens = 0
+    for epoch in range(args.update_epochs):
+        order = rng.permutation(n)
+        for lo in range(0, n, args.minibatch_size):
+            mb = order[lo : lo + args.minibatch_size].tolist()
+            prompts, comps = [turns.prompt_token_ids[i] for i in mb], [turns.token_ids[i] for i in mb]
+            newlogprob, entropy, mask, newvalue = turn_forward(
+                model, value_head, prompts, comps, temperature=args.temperature, pad_id=pad_id
+            )
+            width = newlogprob.shape[1]
+            mb_old, mb_ref = oldlogprob[mb, gen_len - width:], reflogprob[mb, gen_len - width:]
+            mb_adv = advantages_t[mb]
+            if args.norm_adv and len(mb) > 1:
+                mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+            pg_loss, clipfrac, approx_kl, _ = policy_loss(newlogprob, mb_old, mb_adv, mask, args.clip_coef)
+            v_loss = value_loss(newvalue, oldvalues[mb], returns_t[mb], args.clip_coef)
+            entropy_loss = masked_turn_mean(entropy, mask)
+            kl = kl_to_reference(newlogprob, mb_ref, mask) if args.kl_coef > 0 else torch.zeros(())
+            loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + args.kl_coef * kl
+            if not torch.isfinite(loss):
+                raise PpoDivergence(
+                    f"non-finite loss at iteration {iteration + 1}, epoch {epoch + 1} (pg_loss={pg_loss.item()}, "
+                    f"v_loss={v_loss.item()}, kl={kl.item()}); stopped, the last good checkpoint is "
+                    f"{last_checkpoint or 'none (nothing saved yet)'}; lower ppo.learning_rate or check the rewards"
+                )
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(lora_params + list(value_head.parameters()), args.max_grad_norm)
+            optimizer.step()
+            trained_tokens += sum(len(p) + len(c) for p, c in zip(prompts, comps))
+            clipfracs.append(clipfrac.item())
+            for key, value in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", entropy_loss), ("kl", kl), ("approx_kl", approx_kl)):
+                stats[key].append(value.item())
+    t_update = time.perf_counter() - t2
+
+    return {
+        "episode/shaped_return_sum": float(rewards.sum()),
+        "losses/policy_loss": float(np.mean(stats["pg_loss"])),
+        "losses/value_loss": float(np.mean(stats["v_loss"])),
+        "losses/entropy": float(np.mean(stats["entropy"])),
+        "losses/kl_ref": float(np.mean(stats["kl"])),
+        "losses/approx_kl": float(np.mean(stats["approx_kl"])),
+        "losses/clipfrac": float(np.mean(clipfracs)),
+        "losses/explained_variance": explained_variance(oldvalues.numpy(), returns),
+        "rollout/logprob_max_abs_diff": float((recomputed - oldlogprob).abs().max()),
+        "perf/score_s": t_score,
+        "perf/update_s": t_update,
+        "perf/update_tokens": trained_tokens,
+        "perf/update_tokens_per_s": trained_tokens / max(t_update, 1e-9),
+    }
+
+
 @dataclass
 class PpoResult:
     checkpoint_dir: Path
@@ -478,10 +565,9 @@ def train(
     torch.manual_seed(args.seed)
     model, tokenizer = load_policy_model(base_dir, ablation, sft_adapter, args)
     value_head = ValueHead(model.get_base_model().config.hidden_size)
-    lora_params = [p for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(
         [
-            {"params": lora_params, "lr": args.learning_rate},
+            {"params": [p for p in model.parameters() if p.requires_grad], "lr": args.learning_rate},
             {"params": list(value_head.parameters()), "lr": args.value_learning_rate},
         ],
         eps=1e-5,
@@ -520,70 +606,9 @@ def train(
         turns = collect_turns(episodes)
         t_rollout = time.perf_counter() - t0
 
-        # ---- old values, reference log-probs (adapter switch, no second model), rewards, GAE
-        t1 = time.perf_counter()
-        n = len(turns)
-        gen_len = max(1, max(len(c) for c in turns.token_ids))
-        oldlogprob = padded(turns.logprobs, gen_len)
-        oldvalues, reflogprob, recomputed = torch.zeros(n), torch.zeros(n, gen_len), torch.zeros(n, gen_len)
-        with torch.no_grad():
-            for lo in range(0, n, args.minibatch_size):
-                idx = list(range(lo, min(n, lo + args.minibatch_size)))
-                prompts, comps = [turns.prompt_token_ids[i] for i in idx], [turns.token_ids[i] for i in idx]
-                logp, _, _, values = turn_forward(model, value_head, prompts, comps, temperature=args.temperature, pad_id=pad_id)
-                width = logp.shape[1]
-                recomputed[idx, gen_len - width:] = logp
-                oldvalues[idx] = values
-                if args.kl_coef > 0:
-                    with reference_policy(model, ablation):
-                        ref, _, _, _ = turn_forward(model, value_head, prompts, comps, temperature=args.temperature, pad_id=pad_id)
-                    reflogprob[idx, gen_len - width:] = ref
-        rewards = turn_rewards(
-            turns.env_rewards, turns.plan_tokens, turns.planned,
-            reward_scale=args.reward_scale, plan_cost=args.plan_cost, plan_penalty=args.plan_penalty,
-        )
-        advantages, returns = compute_gae(rewards, oldvalues.numpy(), turns.dones, gamma=args.gamma, gae_lambda=args.gae_lambda)
-        advantages_t, returns_t = torch.tensor(advantages, dtype=torch.float32), torch.tensor(returns, dtype=torch.float32)
-        t_score = time.perf_counter() - t1
-
-        # ---- update: epochs of shuffled minibatches over turns
-        t2 = time.perf_counter()
-        rng = np.random.default_rng([args.seed, iteration])
-        clipfracs, stats = [], {"pg_loss": [], "v_loss": [], "entropy": [], "kl": [], "approx_kl": []}
-        trained_tokens = 0
-        for epoch in range(args.update_epochs):
-            order = rng.permutation(n)
-            for lo in range(0, n, args.minibatch_size):
-                mb = order[lo : lo + args.minibatch_size].tolist()
-                prompts, comps = [turns.prompt_token_ids[i] for i in mb], [turns.token_ids[i] for i in mb]
-                newlogprob, entropy, mask, newvalue = turn_forward(
-                    model, value_head, prompts, comps, temperature=args.temperature, pad_id=pad_id
-                )
-                width = newlogprob.shape[1]
-                mb_old, mb_ref = oldlogprob[mb, gen_len - width:], reflogprob[mb, gen_len - width:]
-                mb_adv = advantages_t[mb]
-                if args.norm_adv and len(mb) > 1:
-                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                pg_loss, clipfrac, approx_kl, _ = policy_loss(newlogprob, mb_old, mb_adv, mask, args.clip_coef)
-                v_loss = value_loss(newvalue, oldvalues[mb], returns_t[mb], args.clip_coef)
-                entropy_loss = masked_turn_mean(entropy, mask)
-                kl = kl_to_reference(newlogprob, mb_ref, mask) if args.kl_coef > 0 else torch.zeros(())
-                loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + args.kl_coef * kl
-                if not torch.isfinite(loss):
-                    raise PpoDivergence(
-                        f"non-finite loss at iteration {iteration + 1}, epoch {epoch + 1} (pg_loss={pg_loss.item()}, "
-                        f"v_loss={v_loss.item()}, kl={kl.item()}); stopped, the last good checkpoint is "
-                        f"{checkpoint or 'none (nothing saved yet)'}; lower ppo.learning_rate or check the rewards"
-                    )
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(lora_params + list(value_head.parameters()), args.max_grad_norm)
-                optimizer.step()
-                trained_tokens += sum(len(p) + len(c) for p, c in zip(prompts, comps))
-                clipfracs.append(clipfrac.item())
-                for key, value in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", entropy_loss), ("kl", kl), ("approx_kl", approx_kl)):
-                    stats[key].append(value.item())
-        t_update = time.perf_counter() - t2
+        # ---- score, rewards with the plan cost, GAE, then epochs of minibatch updates
+        result = update(model, value_head, optimizer, turns, args, ablation, pad_id=pad_id, iteration=iteration,
+                        last_checkpoint=checkpoint)
 
         # ---- log
         seed_cursor += args.episodes_per_iteration
@@ -591,23 +616,13 @@ def train(
         generated = sum(len(c) for c in turns.token_ids)
         metrics = {
             **episode_stats(episodes),
-            "episode/shaped_return": float(rewards.sum() / max(1, len(episodes))),
-            "losses/policy_loss": float(np.mean(stats["pg_loss"])),
-            "losses/value_loss": float(np.mean(stats["v_loss"])),
-            "losses/entropy": float(np.mean(stats["entropy"])),
-            "losses/kl_ref": float(np.mean(stats["kl"])),
-            "losses/approx_kl": float(np.mean(stats["approx_kl"])),
-            "losses/clipfrac": float(np.mean(clipfracs)),
-            "losses/explained_variance": explained_variance(oldvalues.numpy(), returns),
-            "rollout/logprob_max_abs_diff": float((recomputed - oldlogprob).abs().max()),
-            "rollout/turns": n,
+            "episode/shaped_return": result.pop("episode/shaped_return_sum") / max(1, len(episodes)),
+            **result,
+            "rollout/turns": len(turns),
             "perf/rollout_s": t_rollout,
-            "perf/score_s": t_score,
-            "perf/update_s": t_update,
             "perf/rollout_share": t_rollout / wall,
             "perf/rollout_tokens_per_s": generated / max(t_rollout, 1e-9),
-            "perf/update_tokens_per_s": trained_tokens / max(t_update, 1e-9),
-            "perf/turns_per_s": n / max(t_rollout, 1e-9),
+            "perf/turns_per_s": len(turns) / max(t_rollout, 1e-9),
         }
         history.append({"iteration": iteration + 1, **metrics})
         if log is not None:
