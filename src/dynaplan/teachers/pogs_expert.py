@@ -23,7 +23,7 @@ from dynaplan.teachers import TeacherStep
 PLAN_STYLES: tuple[tuple[str, str, str], ...] = (
     (
         "The target {target} is in my map. I will follow {route} and reach it in {moves}.",
-        "The target {target} is not visible yet. I will explore toward node {goal}, the nearest unexplored branch, and backtrack if it is a dead end.",
+        "The target {target} is not visible yet. I will explore toward node {goal}, the nearest unexplored branch, through {next}, and backtrack if it is a dead end.",
         "The branch around node {current} is fully explored and holds no target. I will backtrack through {route} to reach node {goal}, the nearest unexplored branch.",
     ),
     (
