@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from dynaplan.config import EXIT_USAGE, ConfigError, load_params
-from dynaplan.models.materialize import ModelSourceError, materialize_base
+from dynaplan.models.materialize import ModelSourceError, materialize_base, source_sha256
 from dynaplan.tracking import log_metrics, stage_run
 
 MANIFEST_METRIC = Path("models/base_manifest.json")
@@ -25,12 +25,13 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     section = {"model.base": params.model.base, "model.dir": params.model.dir}
+    try:
+        source_sha256(params.model.base)  # a bad source is a usage error, before any MLflow run
+    except ModelSourceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     with stage_run("base_model", section):
-        try:
-            manifest = materialize_base(params.model.base, params.model.dir)
-        except ModelSourceError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_USAGE
+        manifest = materialize_base(params.model.base, params.model.dir)
         MANIFEST_METRIC.parent.mkdir(parents=True, exist_ok=True)
         tmp = MANIFEST_METRIC.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
