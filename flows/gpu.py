@@ -50,16 +50,19 @@ def run_stages_here(
     workspace: ws_lib.Workspace,
     stages: Sequence[str],
     *,
-    pull: bool,
     pipeline_run_id: str | None,
 ) -> list[dict[str, Any]]:
-    """`dvc repro` each stage in this working copy; every stage DVC touched is reported once."""
+    """`dvc repro --pull` each stage and what it needs in this working copy; every stage DVC
+    touched is reported once."""
     pool = current_pool()
     extra = {ws_lib.PIPELINE_RUN_ENV: pipeline_run_id} if pipeline_run_id else {}
     outcomes: dict[str, dict[str, Any]] = {}
     for stage in stages:
         started = time.monotonic()
-        touched = ws_lib.repro(workspace, stage, pull=pull, extra_env=extra)
+        ws_lib.seed_lock_from_pool(workspace, stage)
+        touched = ws_lib.repro(workspace, stage, upstream=True, extra_env=extra)
+        for name in touched:
+            ws_lib.remember_lock(workspace, name)
         seconds = round(time.monotonic() - started, 2)
         for name, outcome in touched.items():
             if name not in outcomes:
@@ -76,19 +79,28 @@ def stage_flow(
     profile: str | None = None,
     repo: str | None = None,
     pipeline_run_id: str | None = None,
+    lock: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run DVC stages in this worker's own working copy at `revision`: inputs come from the
-    shared remote (`dvc repro --pull`: upstream stages are restored, not recomputed), outputs and
-    the run cache go back to it (`dvc push --run-cache`). Deployed on the `gpu` pool."""
+    shared remote (`dvc repro --pull`: upstream stages are checked out or restored, not
+    recomputed; `lock` is the caller's dvc.lock entries, which name them), outputs and the run
+    cache go back to it (`dvc push --run-cache`). Deployed on the `gpu` pool. Each outcome row
+    carries the stage's dvc.lock entry (JSON) for the caller's copy."""
     from prefect.artifacts import create_table_artifact
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
+    ws_lib.share_tracking()
     name = f"{pipeline_run_id or 'stage'}-{flow_run.get_id() or 'local'}"
     workspace = ws_lib.create_workspace(name, revision=revision, overrides=overrides or {}, profile=profile, repo=repo)
     logger.info("working copy %s at %s (remote %s)", workspace.path, workspace.revision[:12], workspace.remote)
-    outcomes = run_stages_here(workspace, stages, pull=True, pipeline_run_id=pipeline_run_id)
+    if lock:
+        ws_lib.write_lock_entries(workspace.path, lock)
+    outcomes = run_stages_here(workspace, stages, pipeline_run_id=pipeline_run_id)
     ws_lib.push(workspace)
+    entries = ws_lib.read_lock(workspace.path)
+    for row in outcomes:
+        row["lock"] = json.dumps(entries.get(row["stage"]))
     create_table_artifact(outcomes, key=OUTCOMES_ARTIFACT, description=f"stages {', '.join(stages)} in {workspace.path}")
     return outcomes
 
@@ -117,10 +129,11 @@ def dispatch_to_gpu(
     overrides: Mapping[str, Any],
     profile: str | None,
     pipeline_run_id: str | None,
+    lock: Mapping[str, Any] | None = None,
     deployment: str = GPU_DEPLOYMENT,
 ) -> list[dict[str, Any]]:
     """Run `stages` on the GPU pool with `run_deployment` (a subflow of the caller) and wait;
-    raises if that run did not complete."""
+    raises if that run did not complete. Returns its outcome rows (with dvc.lock entries)."""
     from prefect.deployments import run_deployment
 
     flow_run = run_deployment(
@@ -128,6 +141,7 @@ def dispatch_to_gpu(
         parameters={
             "stages": list(stages), "revision": revision, "overrides": dict(overrides), "profile": profile,
             "repo": os.environ.get(ws_lib.REPO_ENV), "pipeline_run_id": pipeline_run_id,
+            "lock": dict(lock or {}),
         },
         timeout=None,
         poll_interval=2,
@@ -135,4 +149,7 @@ def dispatch_to_gpu(
     if flow_run.state is None or not flow_run.state.is_completed():
         state = flow_run.state.name if flow_run.state else "unknown"
         raise RuntimeError(f"GPU stages {list(stages)} ended {state} (flow run {flow_run.id} on {deployment})")
-    return _outcomes_of(flow_run.id)
+    rows = _outcomes_of(flow_run.id)
+    for row in rows:
+        row["lock"] = json.loads(row["lock"]) if isinstance(row.get("lock"), str) else row.get("lock")
+    return rows

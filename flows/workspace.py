@@ -25,6 +25,7 @@ REPO_ENV = "DYNAPLAN_REPO"  # the git repository runs clone from (a path or a gi
 RUNS_ENV = "DYNAPLAN_RUNS_DIR"  # parent of the per-run working copies
 CACHE_ENV = "DYNAPLAN_DVC_CACHE"  # the shared DVC cache (holds the run cache under runs/)
 REMOTE_ENV = "DYNAPLAN_DVC_REMOTE"  # the shared DVC remote (a path, s3://..., ...)
+REMOTE_ENDPOINT_ENV = "DYNAPLAN_DVC_REMOTE_ENDPOINT"  # its endpoint URL when it is not AWS
 PIPELINE_RUN_ENV = "DYNAPLAN_PIPELINE_RUN_ID"  # groups a pipeline's MLflow runs (dynaplan.tracking)
 SHARED_REMOTE = "shared"
 
@@ -99,6 +100,24 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
     for key, value in overrides.items():
         put(merged, str(key).split("."), value)
     return merged
+
+
+def share_tracking() -> str:
+    """Point this process, and every stage it starts in a working copy, at one MLflow store:
+    `$MLFLOW_TRACKING_URI` if set, else the checkout's own mlflow.db (not one per copy). The
+    experiment is created here first, so its artifact location is the checkout's too."""
+    from dynaplan import tracking
+
+    tracking.experiment_id()
+    os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    return os.environ["MLFLOW_TRACKING_URI"]
+
+
+def backend_overrides(backend: str | None) -> dict[str, Any]:
+    """The params keys a model backend choice (hf | openai | vllm) sets: evaluation and PPO rollouts."""
+    if not backend:
+        return {}
+    return {"evaluate.backend": backend, "ppo.rollout_backend": backend}
 
 
 def write_params(copy: Path, overrides: Mapping[str, Any], profile: str | None = None) -> dict[str, Any]:
@@ -214,6 +233,8 @@ def create_workspace(
     lines = ["[cache]", f"    dir = {cache}"]
     if remote:
         lines += ["[core]", f"    remote = {SHARED_REMOTE}", f"['remote \"{SHARED_REMOTE}\"']", f"    url = {remote}"]
+        if os.environ.get(REMOTE_ENDPOINT_ENV):  # an S3-compatible store such as MinIO
+            lines.append(f"    endpointurl = {os.environ[REMOTE_ENDPOINT_ENV]}")
     (path / ".dvc" / "config.local").write_text("\n".join(lines) + "\n")
     return Workspace(path=path, revision=commit, remote=remote, cache_dir=cache)
 
