@@ -23,7 +23,7 @@ def test_format_then_parse_is_the_identity(data, actions, plan):
     action = data.draw(st.sampled_from(actions))
     text = format_output(action, plan)
     assert parse_output(text, actions) == ParsedOutput(plan.strip() if plan else None, action, True)
-    assert target_regex(actions).match(text)
+    assert target_regex(actions).fullmatch(text)
 
 
 @settings(max_examples=200, deadline=None)
@@ -51,7 +51,7 @@ def test_tag_soup_never_raises(pieces, actions):
     parsed = parse_output(text, actions)
     assert parsed.action is None or parsed.action in actions
     if parsed.valid:
-        assert target_regex(actions).match(text)
+        assert target_regex(actions).fullmatch(text)
 
 
 @pytest.mark.parametrize("value", [None, 7, b"Noop", ["Noop"]])
@@ -112,6 +112,9 @@ def test_wrong_case_and_decoration_are_forgiven_but_invalid():
 
 def test_surrounding_whitespace_makes_a_correct_answer_invalid_but_keeps_it():
     assert parse_output("\nDo\n", CRAFTER_ACTIONS) == ParsedOutput(None, "Do", False)
+    # A lone trailing newline too (a regex `$` alone would accept it).
+    assert parse_output("Do\n", CRAFTER_ACTIONS) == ParsedOutput(None, "Do", False)
+    assert parse_output("<plan>\nx\n</plan>\nDo\n", CRAFTER_ACTIONS) == ParsedOutput("x", "Do", False)
 
 
 def test_plan_without_newline_before_action_keeps_plan_and_action_but_is_invalid():

@@ -84,7 +84,9 @@ def parse_output(text: str, actions: Sequence[str]) -> ParsedOutput:
     """Parse a model answer; never raises (see the module docstring for every case)."""
     if not isinstance(text, str):
         return ParsedOutput(None, None, False)
-    match = target_regex(actions).match(text)
+    # fullmatch, not match: the pattern's `$` also matches before a trailing newline, which
+    # would make "Do\n" valid although the docstring (and SFT targets) say it is not.
+    match = target_regex(actions).fullmatch(text)
     if match:
         plan = match.group("plan")
         if plan is None:
