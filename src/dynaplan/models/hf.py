@@ -38,6 +38,21 @@ _ARCH_KEYS = (
 )
 
 
+def _cache_keyword() -> str:
+    """transformers >= 5.2x renamed the forward's `past_key_values` to `cache` (the old name
+    warns); GPU images may carry an older 5.x, so use whichever this install has."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+_CACHE_KW = _cache_keyword()
+
+
+def _out_cache(out):
+    return getattr(out, _CACHE_KW)
+
+
 class AdapterMismatchError(ValueError):
     """A LoRA adapter that was not trained on this base model (name or shapes differ)."""
 
@@ -336,8 +351,8 @@ class HFBackend:
         cache = self._prefix_caches.get(key)
         if cache is None:
             ids = torch.tensor([list(key)], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            cache = out.cache
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # fresh cache
+            cache = _out_cache(out)
             self.stats["prefill_tokens"] += len(key)
             self._prefix_caches[key] = cache
             while len(self._prefix_caches) > self._prefix_cache_entries:
@@ -417,9 +432,9 @@ class HFBackend:
             self.stats["cached_prefix_tokens"] += prefix_len * n
         self.stats["prefill_tokens"] += sum(len(s) for s in suffixes)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{_CACHE_KW: cache}
         )
-        cache = out.cache
+        cache = _out_cache(out)
         logits = out.logits[:, -1, :]
         next_pos = positions[:, -1] + 1
 
@@ -485,10 +500,10 @@ class HFBackend:
                 input_ids=chosen[:, None],
                 attention_mask=mask,
                 position_ids=next_pos[:, None],
-                cache=cache,
                 use_cache=True,
+                **{_CACHE_KW: cache},
             )
-            cache = out.cache
+            cache = _out_cache(out)
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
 
