@@ -36,6 +36,35 @@ def params_check(params: Path = typer.Option(Path("params.yaml"), help="params f
     console.print(f"[green]ok[/]: {params} is valid")
 
 
+@app.command("play")
+def play_cmd(
+    env: str = typer.Option("crafter", help="crafter or pogs"),
+    policy: str = typer.Option("human", help="human (you type actions), expert or random"),
+    seed: int = typer.Option(0, min=0, help="env seed (also seeds the expert or random player)"),
+    max_steps: int | None = typer.Option(None, min=1, help="episode cap (default: envs.<env>.max_steps)"),
+    quiet: bool = typer.Option(False, help="print only the summary (expert and random players)"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file with the envs section"),
+) -> None:
+    """Play or watch one episode in the terminal, then print a summary table."""
+    from dynaplan.agent.play import PLAY_POLICIES, play, summary_table
+    from dynaplan.config import Params
+
+    if policy not in PLAY_POLICIES:
+        fail_usage(f"--policy {policy!r} is not one of {', '.join(PLAY_POLICIES)}")
+    try:
+        loaded = load_params(params) if params.is_file() else Params()
+    except ConfigError as err:
+        fail_usage(str(err))
+    env_params = getattr(loaded.envs, env, None)
+    if env_params is None:
+        fail_usage(f"--env {env!r} is not one of crafter, pogs")
+    result = play(
+        env, policy, seed, env_kwargs=env_params.model_dump(), max_steps=max_steps,
+        console=console, show=not quiet or policy == "human",
+    )
+    console.print(summary_table(result))
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     policy: str = typer.Option("model", help="expert | random | model"),
