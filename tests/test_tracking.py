@@ -21,6 +21,8 @@ def store(tmp_path_factory):
     (root / "data" / "a.txt").write_text("a\n")
     (root / "data" / "sub").mkdir()
     (root / "data" / "sub" / "b.txt").write_text("b\n")
+    (root / "data" / "__pycache__").mkdir()  # ignored by the project's .dvcignore
+    (root / "data" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
     (root / "dvc.yaml").write_text(
         "stages:\n  generate:\n    cmd: python code.py\n    deps:\n    - code.py\n    - data\n    - missing.txt\n"
     )

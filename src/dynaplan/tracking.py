@@ -129,15 +129,21 @@ def _md5_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _dvc_ignored(relpath: Path) -> bool:
+    # The patterns of the project's .dvcignore (bytecode is not source).
+    return "__pycache__" in relpath.parts or relpath.suffix == ".pyc"
+
+
 def dvc_hash(path: Path) -> str:
     """The hash DVC 3 records in dvc.lock for a dep: the file's md5, or for a folder the md5 of
-    its sorted JSON listing plus `.dir` (as dvc_data's Tree.digest computes it)."""
+    its sorted JSON listing plus `.dir` (as dvc_data's Tree.digest computes it), skipping what
+    the project's .dvcignore skips."""
     if path.is_file():
         return _md5_file(path)
     entries = [
         {"md5": _md5_file(file), "relpath": file.relative_to(path).as_posix()}
         for file in path.rglob("*")
-        if file.is_file()
+        if file.is_file() and not _dvc_ignored(file.relative_to(path))
     ]
     entries.sort(key=lambda entry: entry["relpath"])
     listing = json.dumps(entries, sort_keys=True).encode("utf-8")
