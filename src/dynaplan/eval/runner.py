@@ -177,8 +177,15 @@ def _token_counter(tokenizer_dir: str | None) -> Callable[[str], int] | None:
 
 
 def load_backend_for(spec: EvalSpec, model_dir: str, adapter_dir: str | None):
-    from dynaplan.models import load_backend
+    import dynaplan.models as models
 
+    load_backend = getattr(models, "load_backend", None)
+    if load_backend is None and spec.backend == "hf":
+        from dynaplan.models.hf import HFBackend
+
+        return HFBackend(model_dir, adapter_dir, dtype=spec.dtype)
+    if load_backend is None:
+        raise RuntimeError(f"backend {spec.backend!r} needs dynaplan.models.load_backend, which is not there")
     if spec.backend == "openai":
         return load_backend("openai", model=model_dir, base_url=spec.base_url)
     return load_backend(spec.backend, model=model_dir, adapter=adapter_dir, dtype=spec.dtype)
@@ -298,13 +305,36 @@ def run_evaluation(
     played = 0
     probe = make_env(spec.env, **spec.env_kwargs)
     try:
-        for attempt in range(spec.best_of):
-            pending = [s for s in spec.seeds if (attempt, s) not in done]
-            if not pending:
+        if spec.policy == "model":
+            # An LLM's attempts differ only by their sampling streams, so all missing
+            # (attempt, seed) pairs share one lockstep batch (one policy, one backend call per
+            # step). A finished episode takes the lowest missing attempt of its seed: attempts
+            # of one seed are exchangeable samples.
+            pending = [(a, s) for a, s in wanted if (a, s) not in done]
+            if pending:
+                if backend is None:
+                    model_dir, adapter_dir, _ = resolve_model(spec.model)
+                    backend = load_backend_for(spec, model_dir, spec.adapter or adapter_dir)
+                policy = build_policy(spec, probe, spec.seed, backend)
+
+                def persist_llm(result) -> None:
+                    attempt = min(a for a, s in pending if s == result.seed and (a, s) not in done)
+                    record = episode_record(result, spec, attempt)
+                    store.append(record)
+                    done[(attempt, record["seed"])] = record
+
+                run_episodes(
+                    policy, spec.env, spec.env_kwargs, [s for _, s in pending],
+                    num_envs=spec.num_envs, max_steps=spec.max_steps, on_episode=persist_llm,
+                    progress=progress, description=spec.name,
+                )
+                played += len(pending)
+        for attempt in range(spec.best_of if spec.policy != "model" else 0):
+            pending_seeds = [s for s in spec.seeds if (attempt, s) not in done]
+            if not pending_seeds:
                 continue
-            if spec.policy == "model" and backend is None:
-                model_dir, adapter_dir, _ = resolve_model(spec.model)
-                backend = load_backend_for(spec, model_dir, spec.adapter or adapter_dir)
+            # Scripted and random policies draw per episode from (policy seed, env seed), so
+            # each attempt needs its own policy seed to be a different sample.
             policy = build_policy(spec, probe, spec.attempt_seed(attempt), backend)
 
             def persist(result, attempt=attempt) -> None:
@@ -313,11 +343,11 @@ def run_evaluation(
                 done[(attempt, record["seed"])] = record
 
             run_episodes(
-                policy, spec.env, spec.env_kwargs, pending,
+                policy, spec.env, spec.env_kwargs, pending_seeds,
                 num_envs=spec.num_envs, max_steps=spec.max_steps, on_episode=persist,
                 progress=progress, description=f"{spec.name} attempt {attempt + 1}/{spec.best_of}",
             )
-            played += len(pending)
+            played += len(pending_seeds)
     finally:
         probe.close()
     episodes = [done[key] for key in wanted]
