@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     env = PogsEnv(num_nodes=args.num_nodes, k=args.k, hard=True, min_backtracks=args.min_backtracks)
-    teacher = make_teacher("pogs", seed=args.first_seed, k=args.k)
+    teacher = make_teacher("pogs", seed=args.first_seed)  # reads k off the observations
     reached, lengths, invalid, backtracks, plans, progression = [], [], [], [], [], []
     openings: set[str] = set()
     start = time.perf_counter()

@@ -89,3 +89,12 @@ def test_at_least_16_plan_styles_and_many_distinct_wordings_appear():
 def test_bad_settings_raise_value_error(bad):
     with pytest.raises(ValueError):
         PogsExpert(seed=0, **bad)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_expert_reads_the_radius_off_the_observations(k):
+    env = PogsEnv(k=k)
+    inferred, told = PogsExpert(seed=0), PogsExpert(seed=0, k=k)
+    for seed in range(5):
+        assert play(seed, inferred, env)[1] == play(seed, told, env)[1]
+        assert inferred.explorer.k == k

@@ -49,10 +49,14 @@ class FrontierExplorer:
 
     `backtracks` counts backtracking segments as gym-pogs' hard filter does: +1 each time it
     enters an already-visited node while not already backtracking.
+
+    With `k=None` the radius is read off the observations: the deepest visible node is k hops
+    away, unless the whole tree is in view (and then a smaller k changes nothing).
     """
 
-    def __init__(self, k: int) -> None:
-        self.k = k
+    def __init__(self, k: int | None) -> None:
+        self.infer_k = k is None
+        self.k = 0 if k is None else k
         self.known = nx.Graph()
         self.visited: set[int] = set()
         self.explored: set[int] = set()
@@ -62,8 +66,13 @@ class FrontierExplorer:
         self.target: int | None = None
 
     def observe(self, current: int, target: int, visible_edges: Iterable[Iterable[int]]) -> None:
+        edges = [tuple(edge) for edge in visible_edges]
+        if self.infer_k:
+            view = nx.Graph(edges)
+            view.add_node(current)
+            self.k = max(self.k, 1, *nx.single_source_shortest_path_length(view, current).values())
         self.known.add_node(current)
-        self.known.add_edges_from(tuple(edge) for edge in visible_edges)
+        self.known.add_edges_from(edges)
         if current != self.current and self.current is not None:
             if current in self.visited:
                 if not self.backtracking:

@@ -117,17 +117,17 @@ PLAN_STYLES: tuple[tuple[str, str, str], ...] = (
 class PogsExpert:
     """Frontier explorer with memory and plans at random intervals (see `dynaplan.teachers`).
 
-    `k` must be the env's visibility radius: it tells which seen nodes have all their
-    neighbours in view (the agent's prompt states it too).
+    `k` is the env's visibility radius (which seen nodes have all their neighbours in view);
+    None (the default) reads it off the first observation, as an agent could.
     """
 
-    def __init__(self, *, seed: int, plan_interval_min: int = 2, plan_interval_max: int = 12, k: int = 2) -> None:
+    def __init__(self, *, seed: int, plan_interval_min: int = 2, plan_interval_max: int = 12, k: int | None = None) -> None:
         if not 1 <= plan_interval_min <= plan_interval_max:
             raise ValueError(
                 f"plan intervals must satisfy 1 <= plan_interval_min <= plan_interval_max, got {plan_interval_min}, {plan_interval_max}"
             )
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        if k is not None and k < 1:
+            raise ValueError(f"k must be >= 1 or None, got {k}")
         self.seed = seed
         self.plan_interval_min = plan_interval_min
         self.plan_interval_max = plan_interval_max
