@@ -157,6 +157,47 @@ class PpoParams(Section):
     server_url: str = Field("http://127.0.0.1:8000/v1", description="base URL of the vllm server (rollout_backend=openai)")
 
 
+class LoraParams(Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="module names that get a LoRA adapter (not lm_head: TRL computes the loss from its weight)",
+    )
+
+
+class SftParams(Section):
+    envs: list[Literal["crafter", "pogs"]] = Field(
+        default_factory=lambda: ["crafter", "pogs"], min_length=1, description="which envs' teacher steps to train on"
+    )
+    max_train_examples: int = Field(0, ge=0, description="cap on training examples: a seeded sample of the training episodes' steps; 0 = all")
+    eval_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of episodes (per env) held out")
+    eval_examples: int = Field(48, ge=1, description="held-out steps used for greedy answers and KL (seeded sample)")
+    lora: LoraParams = LoraParams()
+    learning_rate: float = Field(5e-4, gt=0.0, le=1.0, description="peak AdamW learning rate")
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field("cosine", description="schedule after warm-up")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="share of optimizer steps spent warming up")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    epochs: float = Field(1.0, gt=0.0, description="passes over the training examples (ignored when max_steps > 0)")
+    max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = derive from epochs")
+    batch_size: int = Field(4, ge=1, description="sequences per forward pass (per device)")
+    grad_accum: int = Field(2, ge=1, description="forward passes per optimizer step")
+    max_seq_len: int = Field(1024, ge=32, description="longest prompt + completion in tokens; a longer example is an error, never truncated")
+    padding_free: bool = Field(True, description="flatten each batch into one sequence (exact: block-diagonal attention from position ids)")
+    bf16: bool = Field(True, description="bfloat16 autocast (CPU and GPU); weights and optimizer state stay float32")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (GPU memory); slower")
+    seed: int = Field(0, description="seed of the split, the LoRA init and the data order")
+    save_steps: int = Field(10, ge=1, description="checkpoint every this many optimizer steps (resume point)")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept on disk")
+    logging_steps: int = Field(1, ge=1, description="log train loss to MLflow every this many optimizer steps")
+    eval_steps: int = Field(0, ge=0, description="held-out loss every this many steps; 0 = only at the end")
+    register_checkpoints: bool = Field(True, description="register every saved checkpoint as a dynaplan-agent version, not just the final adapter")
+    eval_max_new_tokens: int = Field(64, ge=1, description="cap on greedy answer tokens in the held-out metrics")
+    eval_batch_size: int = Field(8, ge=1, description="prompts per batch for greedy answers and KL")
+
+
 class Params(Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -167,6 +208,7 @@ class Params(Section):
     generate: GenerateParams = GenerateParams()
     # `validate` would shadow pydantic's BaseModel.validate: the attribute is `validation`.
     validation: ValidateParams = Field(ValidateParams(), alias="validate")
+    sft: SftParams = SftParams()
     promote: PromoteParams = PromoteParams()
     evaluate: EvaluateParams = EvaluateParams()
     ppo: PpoParams = PpoParams()

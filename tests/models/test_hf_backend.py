@@ -118,3 +118,17 @@ def test_adapter_for_another_base_is_refused(tiny_model_dir, smollm2_tokenizer_d
         HFBackend(tiny_model_dir, tmp_path / "wide-adapter")
     with pytest.raises(AdapterMismatchError, match="adapter_config.json"):
         HFBackend(tiny_model_dir, tmp_path)
+
+
+def test_sampling_runs_in_eval_mode_and_restores_train_mode(hf):
+    seen = []
+    hook = hf.model.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    hf.model.train()
+    try:
+        hf.generate(_requests(1), SamplingParams(max_new_tokens=2), seed=0)
+        hf.score([[1, 2, 3]], [[4]])
+        assert hf.model.training  # the trainer's mode is given back
+    finally:
+        hf.model.eval()
+        hook.remove()
+    assert seen and not any(seen)  # but no forward ran with dropout on

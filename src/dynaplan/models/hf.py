@@ -13,6 +13,7 @@ the policy must learn to stop) and is not part of `text`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -51,6 +52,17 @@ _CACHE_KW = _cache_keyword()
 
 def _out_cache(out):
     return getattr(out, _CACHE_KW)
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Dropout off while we sample or score (a live PPO model may be in train mode), then back."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class AdapterMismatchError(ValueError):
@@ -396,7 +408,8 @@ class HFBackend:
         results: list[Generation] = []
         for start in range(0, len(requests), self.max_batch_size):
             end = start + self.max_batch_size
-            results += self._generate_batch(requests[start:end], prompts[start:end], sampling, seeds[start:end], bias)
+            with _eval_mode(self.model):
+                results += self._generate_batch(requests[start:end], prompts[start:end], sampling, seeds[start:end], bias)
         return results
 
     @torch.no_grad()
@@ -537,13 +550,14 @@ class HFBackend:
         size = batch_size or self.max_batch_size
         result: list[list[float]] = []
         for start in range(0, len(prompt_token_ids), size):
-            chunk = sequence_logprobs(
-                self.model,
-                prompt_token_ids[start : start + size],
-                answer_token_ids[start : start + size],
-                pad_token_id=self.pad_token_id,
-                temperature=temperature,
-            )
+            with _eval_mode(self.model):
+                chunk = sequence_logprobs(
+                    self.model,
+                    prompt_token_ids[start : start + size],
+                    answer_token_ids[start : start + size],
+                    pad_token_id=self.pad_token_id,
+                    temperature=temperature,
+                )
             result += [t.float().tolist() for t in chunk]
         return result
 
