@@ -1,0 +1,568 @@
+"""SFT priming (paper section 4.4): TRL's SFTTrainer with a PEFT LoRA adapter on teacher steps.
+
+Reads top to bottom: checks on the inputs (validated data, base model, adapter, lengths), the
+dataset, the trainer (completion-only loss, padding-free batches, gradient accumulation,
+checkpoints that resume), training, then the held-out metrics the paper reports (loss, action
+accuracy, format validity, plan rate, KL to the base model); last, `sft_stage` wires one run to
+MLflow through dynaplan.tracking (never mlflow directly). No trainer classes of our own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynaplan.agent.protocol import PLAN_OPEN, parse_output
+from dynaplan.config import Params
+from dynaplan.train.sft_data import (
+    SftExample,
+    SftInputError,
+    build_examples,
+    check_validated,
+    read_rows,
+    sample_rows,
+    split_by_episode,
+)
+
+ADAPTER_META = "dynaplan_adapter.json"  # written beside every adapter and checkpoint we save
+FINGERPRINT_FILE = "fingerprint.json"  # in the checkpoint dir: which run its checkpoints belong to
+
+LogFn = Callable[[dict, int], None]
+CheckpointFn = Callable[[Path, int], None]
+
+
+@dataclass(frozen=True)
+class SftPaths:
+    data_dir: Path  # Parquet shards of step records (the generate stage)
+    report: Path  # the validate stage's JSON report (must say success)
+    base_dir: Path  # models/base: safetensors + tokenizer + manifest.json
+    out_dir: Path  # the final adapter (+ tokenizer and metadata) goes to out_dir/adapter
+    checkpoint_dir: Path  # Trainer checkpoints; kept across runs so a killed run resumes
+
+
+# ---- checks on the inputs ---------------------------------------------------------------------
+
+
+def base_fingerprint(base_dir: str | os.PathLike[str]) -> str:
+    """What identifies a base model: its architecture and the hash of its source weights
+    (manifest.json of the base_model stage), else the hash of its weight files."""
+    base_dir = Path(base_dir)
+    config_path = base_dir / "config.json"
+    if not config_path.is_file():
+        raise SftInputError(f"base model dir {base_dir} has no config.json; run `dvc repro base_model` first")
+    config = json.loads(config_path.read_text())
+    arch = {k: config.get(k) for k in ("architectures", "model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
+    manifest = base_dir / "manifest.json"
+    source_sha = json.loads(manifest.read_text()).get("sha256") if manifest.is_file() else None
+    if source_sha:
+        digest.update(source_sha.encode())
+    else:
+        for weights in sorted(base_dir.glob("*.safetensors")):
+            digest.update(weights.name.encode())
+            with weights.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def check_adapter_base(adapter_dir: str | os.PathLike[str], base_dir: str | os.PathLike[str]) -> dict:
+    """The adapter's metadata, or SftInputError if it was trained on another base model."""
+    adapter_dir = Path(adapter_dir)
+    meta_path = adapter_dir / ADAPTER_META
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise SftInputError(f"{adapter_dir} is not a PEFT adapter (no adapter_config.json)")
+    if not meta_path.is_file():
+        raise SftInputError(f"{adapter_dir} has no {ADAPTER_META}: not an adapter written by dynaplan's SFT")
+    meta = json.loads(meta_path.read_text())
+    ours = base_fingerprint(base_dir)
+    if meta.get("base_fingerprint") != ours:
+        raise SftInputError(
+            f"adapter {adapter_dir} was trained on base model {meta.get('base_model')!r} "
+            f"(fingerprint {meta.get('base_fingerprint')}), but {base_dir} has fingerprint {ours}; "
+            "use the base model the adapter was trained on, or train a new adapter"
+        )
+    return meta
+
+
+def check_lengths(examples: Sequence[SftExample], lengths: Sequence[int], max_seq_len: int, model_max: int | None) -> None:
+    """SftInputError naming the longest example when one exceeds the limit (we never truncate:
+    a cut prompt or answer teaches the wrong thing)."""
+    limit = min(max_seq_len, model_max) if model_max else max_seq_len
+    worst = int(np.argmax(lengths))
+    if lengths[worst] > limit:
+        ex = examples[worst]
+        which = "sft.max_seq_len" if limit == max_seq_len else "the model's max_position_embeddings"
+        raise SftInputError(
+            f"example {ex.episode_id} step {ex.step} ({ex.env}) is {lengths[worst]} tokens, longer than "
+            f"{limit} ({which}); raise sft.max_seq_len (model allows {model_max}) or shorten the prompt "
+            "(prompt.history_len, prompt.max_prompt_tokens)"
+        )
+
+
+def run_fingerprint(params: Params, variant: str, dataset_digest: str, base_fp: str) -> str:
+    """Everything that decides the training trajectory: a checkpoint of another run is useless."""
+    data = {
+        "variant": variant,
+        "sft": params.sft.model_dump(mode="json"),
+        "prompt": params.prompt.model_dump(mode="json"),
+        "dataset": dataset_digest,
+        "base": base_fp,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SftData:
+    train: list[SftExample]
+    heldout: list[SftExample]  # the held-out sample used for every held-out metric
+    dataset_digest: str
+
+
+def load_data(params: Params, variant: str, paths: SftPaths) -> SftData:
+    report = check_validated(paths.report)
+    rows = read_rows(paths.data_dir, params.sft.envs)
+    train_rows, heldout_rows = split_by_episode(rows, params.sft.eval_fraction, params.sft.seed)
+    train_rows = sample_rows(train_rows, params.sft.max_train_examples or len(train_rows), params.sft.seed)
+    heldout_rows = sample_rows(heldout_rows, params.sft.eval_examples, params.sft.seed + 1)
+    digest = report.get("dataset_digest") or report.get("digest") or _folder_digest(paths.data_dir)
+    return SftData(
+        train=build_examples(train_rows, variant),
+        heldout=build_examples(heldout_rows, variant),
+        dataset_digest=str(digest),
+    )
+
+
+def _folder_digest(folder: Path) -> str:
+    from dynaplan.data.dataset import dataset_digest, file_sha256, shard_paths
+
+    return dataset_digest([(p.name, file_sha256(p)) for p in shard_paths(folder)])
+
+
+def token_lengths(tokenizer, examples: Sequence[SftExample]) -> list[int]:
+    """Prompt + completion tokens of each example, chat template applied as TRL applies it."""
+    return [
+        len(tokenizer.apply_chat_template(ex.prompt + [{"role": "assistant", "content": ex.completion}], tokenize=True, return_dict=False))
+        for ex in examples
+    ]
+
+
+def to_dataset(examples: Sequence[SftExample]):
+    from datasets import Dataset
+
+    return Dataset.from_list([ex.as_record() for ex in examples])
+
+
+# ---- the trainer ----------------------------------------------------------------------------
+
+
+def make_config(params: Params, output_dir: Path, has_eval: bool):
+    """TRL's SFTConfig from our params: every training choice is here, in one place."""
+    from trl import SFTConfig
+
+    sft = params.sft
+    return SFTConfig(
+        output_dir=str(output_dir),
+        seed=sft.seed,
+        data_seed=sft.seed,
+        learning_rate=sft.learning_rate,
+        lr_scheduler_type=sft.lr_scheduler,
+        warmup_steps=sft.warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
+        weight_decay=sft.weight_decay,
+        num_train_epochs=sft.epochs,
+        max_steps=sft.max_steps if sft.max_steps > 0 else -1,
+        per_device_train_batch_size=sft.batch_size,
+        per_device_eval_batch_size=sft.eval_batch_size,
+        gradient_accumulation_steps=sft.grad_accum,
+        # Loss on the answer only; the prompt is context (TRL's prompt-completion format).
+        completion_only_loss=True,
+        # Padding-free flattens a batch into one row; transformers derives a block-diagonal mask from
+        # the restarting position ids, so it is exact with SDPA too (tested against padded batches).
+        # We check lengths ourselves (no silent truncation), so TRL's max_length is off with it.
+        padding_free=sft.padding_free,
+        max_length=None if sft.padding_free else sft.max_seq_len,
+        bf16=sft.bf16,
+        fp16=False,
+        gradient_checkpointing=sft.gradient_checkpointing,
+        save_strategy="steps",
+        save_steps=sft.save_steps,
+        save_total_limit=sft.save_total_limit,
+        logging_steps=sft.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if (has_eval and sft.eval_steps > 0) else "no",
+        eval_steps=sft.eval_steps if sft.eval_steps > 0 else None,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def make_lora_config(params: Params):
+    from peft import LoraConfig
+
+    lora = params.sft.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_base(base_dir: Path, dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=getattr(torch, dtype))
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def score_labelled_positions_only():
+    """TRL's fused LM head projects every position through the vocabulary when Triton is absent
+    (a choice for Neuron, which wants fixed shapes); on the CPU, with short answers after long
+    prompts, that is most of a training step. Inside this context the CPU takes TRL's own
+    compact path (only the positions that have a label), which gives the same loss (tested)."""
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+def _trainer_callbacks(log: LogFn | None, on_checkpoint: CheckpointFn | None, adapter_meta: dict):
+    from transformers import TrainerCallback
+
+    class TrackingCallback(TrainerCallback):
+        """Per-step train and eval logs to `log`; metadata beside, and a hook after, each checkpoint."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if log is not None and logs:
+                prefix = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+                clean = {k.removeprefix("eval_"): v for k, v in logs.items() if isinstance(v, (int, float))}
+                log({f"{prefix}.{k}": v for k, v in clean.items()}, state.global_step)
+
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():
+                meta = {**adapter_meta, "global_step": state.global_step, "checkpoint": True}
+                (checkpoint / ADAPTER_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+                if on_checkpoint is not None:
+                    on_checkpoint(checkpoint, state.global_step)
+
+    return [TrackingCallback()]
+
+
+def _prepare_checkpoint_dir(checkpoint_dir: Path, fingerprint: str, base_dir: Path) -> str | None:
+    """The checkpoint to resume from, if this run's; checkpoints of another run are cleared."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    marker = checkpoint_dir / FINGERPRINT_FILE
+    if checkpoint_dir.is_dir():
+        previous = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+        if previous != fingerprint:
+            # Params, data or base model changed: those checkpoints describe another run.
+            shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    while (last := get_last_checkpoint(str(checkpoint_dir))) is not None:
+        if (Path(last) / "trainer_state.json").is_file() and (Path(last) / ADAPTER_META).is_file():
+            check_adapter_base(last, base_dir)
+            return last
+        # Killed while saving: the trainer state (written last) is missing; use the one before.
+        shutil.rmtree(last)
+    return None
+
+
+def _write_adapter(trainer, tokenizer, out_dir: Path, meta: dict) -> Path:
+    """The final adapter, tokenizer (chat template) and metadata, written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / "adapter"
+    tmp = out_dir / f".adapter.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+@dataclass
+class SftResult:
+    adapter_dir: Path
+    metrics: dict
+    resumed_from_step: int | None
+    global_step: int
+    dataset_digest: str
+    base_fingerprint: str
+    train_tokens_per_second: float
+
+
+def run_sft(
+    params: Params,
+    variant: str,
+    paths: SftPaths,
+    *,
+    log: LogFn | None = None,
+    on_checkpoint: CheckpointFn | None = None,
+    data: SftData | None = None,
+) -> SftResult:
+    """Train (or resume) one variant and measure it on held-out steps. Raises SftInputError before
+    any training when an input is wrong."""
+    from trl import SFTTrainer
+
+    sft = params.sft
+    # 1. Inputs: validated data, a base model, examples that fit.
+    data = data or load_data(params, variant, paths)
+    base_fp = base_fingerprint(paths.base_dir)
+    model, tokenizer = load_base(paths.base_dir)
+    lengths = token_lengths(tokenizer, data.train + data.heldout)
+    check_lengths(data.train + data.heldout, lengths, sft.max_seq_len, getattr(model.config, "max_position_embeddings", None))
+    fingerprint = run_fingerprint(params, variant, data.dataset_digest, base_fp)
+    resume_from = _prepare_checkpoint_dir(paths.checkpoint_dir, fingerprint, paths.base_dir)
+    meta = {
+        "stage": "sft",
+        "variant": variant,
+        "base_model": params.model.base,
+        "base_fingerprint": base_fp,
+        "dataset_digest": data.dataset_digest,
+        "run_fingerprint": fingerprint,
+    }
+
+    # 2. The trainer: TRL does tokenization, masking, batching, accumulation, checkpoints.
+    trainer = SFTTrainer(
+        model=model,
+        args=make_config(params, paths.checkpoint_dir, has_eval=bool(data.heldout)),
+        train_dataset=to_dataset(data.train),
+        eval_dataset=to_dataset(data.heldout) if sft.eval_steps > 0 else None,
+        processing_class=tokenizer,
+        peft_config=make_lora_config(params),
+        callbacks=_trainer_callbacks(log, on_checkpoint, meta),
+    )
+
+    # 3. Train, resuming optimizer, scheduler, RNG and data order from the last checkpoint.
+    started = time.perf_counter()
+    with score_labelled_positions_only():
+        output = trainer.train(resume_from_checkpoint=resume_from)
+    elapsed = time.perf_counter() - started
+    resumed_step = int(Path(resume_from).name.split("-")[-1]) if resume_from else None
+    trained_tokens = float(trainer._total_train_tokens)  # tokens seen in this process (TRL's count)
+    adapter_dir = _write_adapter(trainer, tokenizer, paths.out_dir, {**meta, "global_step": trainer.state.global_step})
+
+    # 4. Held-out metrics: the paper's SFT measurements.
+    model = trainer.model
+    model.eval()
+    metrics = heldout_metrics(model, tokenizer, data.heldout, params)
+    metrics.update(
+        {
+            "train_loss": float(output.training_loss),
+            "global_step": int(trainer.state.global_step),
+            "train_examples": len(data.train),
+            "train_tokens_per_second": trained_tokens / elapsed if elapsed > 0 else 0.0,
+            "train_seconds": elapsed,
+            "resumed_from_step": resumed_step if resumed_step is not None else -1,
+        }
+    )
+    if log is not None:
+        log({f"heldout.{k}": v for k, v in metrics.items()}, int(trainer.state.global_step))
+    return SftResult(
+        adapter_dir=adapter_dir,
+        metrics=metrics,
+        resumed_from_step=resumed_step,
+        global_step=int(trainer.state.global_step),
+        dataset_digest=data.dataset_digest,
+        base_fingerprint=base_fp,
+        train_tokens_per_second=metrics["train_tokens_per_second"],
+    )
+
+
+# ---- held-out metrics ---------------------------------------------------------------------------
+
+
+def _action_names(env: str, params: Params) -> tuple[str, ...]:
+    from dynaplan.envs import make_env
+
+    if env == "pogs":
+        # POGS actions are node ids; the node count fixes them (no need to build a graph).
+        return tuple(str(i) for i in range(params.envs.pogs.num_nodes))
+    return tuple(make_env(env).action_names)
+
+
+@torch.no_grad()
+def completion_stats(model, tokenizer, examples: Sequence[SftExample], batch_size: int) -> dict:
+    """Teacher-forced over the held-out completions, adapter on and off (PEFT's disable_adapter,
+    no second model): mean token NLL, token-level KL(student || base), and the student's and
+    base's probability that the answer opens a plan (the plan rate when sampling at T=1)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from dynaplan.models.hf import plan_opening_token_ids
+
+    plan_first_ids = torch.tensor(plan_opening_token_ids(tokenizer), dtype=torch.long)
+    nll_sum = kl_sum = 0.0
+    tokens = 0
+    plan_prob_student: list[float] = []
+    plan_prob_base: list[float] = []
+    device = next(model.parameters()).device
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        prompts = [tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=False) for ex in batch]
+        fulls = [
+            tokenizer.apply_chat_template(ex.prompt + [{"role": "assistant", "content": ex.completion}], tokenize=True, return_dict=False)
+            for ex in batch
+        ]
+        answers = [list(f[len(p):]) for p, f in zip(prompts, fulls)]
+        width = max(len(f) for f in fulls)
+        keep = max(len(a) for a in answers) + 1
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, seq in enumerate(fulls):
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=False, logits_to_keep=keep)
+        student = torch.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
+        with model.disable_adapter():
+            base = torch.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
+        for row, answer in enumerate(answers):
+            n = len(answer)
+            s, b = student[row, keep - 1 - n:], base[row, keep - 1 - n:]
+            target = torch.tensor(answer, device=device)[:, None]
+            nll_sum += float(-s.gather(-1, target).sum())
+            kl_sum += float((s.exp() * (s - b)).sum())
+            tokens += n
+            plan_prob_student.append(float(s[0].exp()[plan_first_ids].sum()))
+            plan_prob_base.append(float(b[0].exp()[plan_first_ids].sum()))
+    return {
+        "loss": nll_sum / max(tokens, 1),
+        "kl_to_base": kl_sum / max(tokens, 1),
+        "kl_to_base_per_answer": kl_sum / max(len(examples), 1),
+        "plan_prob": float(np.mean(plan_prob_student)) if plan_prob_student else 0.0,
+        "base_plan_prob": float(np.mean(plan_prob_base)) if plan_prob_base else 0.0,
+        "completion_tokens": tokens,
+    }
+
+
+def greedy_answers(model, tokenizer, prompts: Sequence[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers through the hf backend (the decode loop evaluation and PPO use)."""
+    from dynaplan.models.base import GenerationRequest, SamplingParams
+    from dynaplan.models.hf import HFBackend
+
+    backend = HFBackend.from_model(model, tokenizer, max_batch_size=batch_size)
+    sampling = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    return [g.text for g in backend.generate([GenerationRequest(messages=list(p)) for p in prompts], sampling, seed=0)]
+
+
+def heldout_metrics(model, tokenizer, examples: Sequence[SftExample], params: Params) -> dict:
+    """Held-out loss, KL to base, and greedy answers scored against the teacher: next-action
+    accuracy, format validity (the strict protocol), plan rate (student vs teacher)."""
+    sft = params.sft
+    stats = completion_stats(model, tokenizer, examples, sft.eval_batch_size)
+    answers = greedy_answers(model, tokenizer, [ex.prompt for ex in examples], sft.eval_max_new_tokens, sft.eval_batch_size)
+    actions = {env: _action_names(env, params) for env in {ex.env for ex in examples}}
+    parsed = [parse_output(text, actions[ex.env]) for text, ex in zip(answers, examples)]
+    student_plans = [text.lstrip().startswith(PLAN_OPEN) for text in answers]
+    per_env = {}
+    for env in sorted(actions):
+        idx = [i for i, ex in enumerate(examples) if ex.env == env]
+        per_env[env] = {
+            "action_accuracy": float(np.mean([parsed[i].action == examples[i].action for i in idx])),
+            "format_valid": float(np.mean([parsed[i].valid for i in idx])),
+            "plan_rate": float(np.mean([student_plans[i] for i in idx])),
+            "teacher_plan_rate": float(np.mean([examples[i].planned for i in idx])),
+            "examples": len(idx),
+        }
+    return {
+        "heldout_loss": stats["loss"],
+        "kl_to_base": stats["kl_to_base"],
+        "kl_to_base_per_answer": stats["kl_to_base_per_answer"],
+        "action_accuracy": float(np.mean([p.action == ex.action for p, ex in zip(parsed, examples)])),
+        "format_valid": float(np.mean([p.valid for p in parsed])),
+        "plan_rate": float(np.mean(student_plans)),
+        "plan_prob": stats["plan_prob"],
+        "base_plan_prob": stats["base_plan_prob"],
+        "teacher_plan_rate": float(np.mean([ex.planned for ex in examples])),
+        "heldout_examples": len(examples),
+        "per_env": per_env,
+        "answers_sample": [{"answer": a, "teacher": ex.completion} for a, ex in list(zip(answers, examples))[:5]],
+    }
+
+
+# ---- the stage: training wired to MLflow (through dynaplan.tracking) -----------------------------
+
+
+def sft_stage(params: Params, variant: str, paths: SftPaths, metrics_path: Path) -> dict:
+    """One `sft@<variant>` execution: a tracked run that trains (or resumes), logs per-step and
+    final metrics, registers saved checkpoints (sft.register_checkpoints) and the final adapter
+    as versions of `dynaplan-agent`, and writes the metrics JSON (the DVC metric) atomically."""
+    from dynaplan import tracking
+
+    example_prompt: list[dict] = []
+
+    def register(adapter_dir: Path, step: int, final: bool, metrics: dict | None = None):
+        info = tracking.log_agent_model(
+            adapter_dir,
+            paths.base_dir,
+            example_messages=example_prompt,
+            base_model=params.model.base,
+            name=f"sft-{variant}-{'final' if final else f'step-{step}'}",
+            max_new_tokens=params.prompt.max_new_tokens,
+            step=step,
+        )
+        meta = json.loads((adapter_dir / ADAPTER_META).read_text())
+        version = tracking.register_agent(
+            info.model_uri,
+            stage="sft",
+            variant=variant,
+            base_model=params.model.base,
+            dataset_digest=meta["dataset_digest"],
+            extra_tags={"global_step": str(step), "final": str(final).lower(), "base_fingerprint": meta["base_fingerprint"]},
+        )
+        if metrics:
+            tracking.set_version_metrics(version.version, metrics, prefix="sft.")
+        return version
+
+    def on_checkpoint(checkpoint: Path, step: int) -> None:
+        if params.sft.register_checkpoints:
+            register(checkpoint, step, final=False)
+
+    with tracking.stage_run(f"sft@{variant}", {"sft": params.sft, "prompt": params.prompt, "model": params.model}, variant=variant):
+        # The registered model's input example: a real held-out prompt of this variant.
+        data = load_data(params, variant, paths)
+        example_prompt.extend(data.heldout[0].prompt)
+        # MLflow caps a dataset digest at 36 characters: the first 32 of our sha256 name it.
+        tracking.log_dataset(paths.data_dir, name="teacher-steps", digest=data.dataset_digest[:32], context="training")
+        result = run_sft(params, variant, paths, log=tracking.log_metrics, on_checkpoint=on_checkpoint, data=data)
+        scalars = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        version = register(result.adapter_dir, result.global_step, final=True, metrics=scalars)
+        out = {
+            **result.metrics,
+            "variant": variant,
+            "model_version": str(version.version),
+            "model_uri": f"models:/{tracking.AGENT_MODEL}/{version.version}",
+            "dataset_digest": result.dataset_digest,
+        }
+        tmp = metrics_path.with_name(f".{metrics_path.name}.tmp-{os.getpid()}")
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, metrics_path)
+        tracking.log_artifact(metrics_path)
+    return out

@@ -1,0 +1,133 @@
+"""The SFT dataset: validated step records -> prompt-completion examples, split by episode.
+
+The prompt is the one the agent sees at evaluation and PPO time (the shared prompt builder, via
+the stored `messages` for the dynamic variant and the plan-stripped `naive_view` for the naive
+one). It must not tokenize, train or decide anything about models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+VARIANTS: tuple[str, ...] = ("dynamic", "naive")
+
+
+class SftInputError(ValueError):
+    """Bad SFT input (dataset missing or unvalidated, base model or adapter mismatch, an example
+    longer than allowed), found before training starts. The message says what to fix. Exit 2."""
+
+
+@dataclass(frozen=True)
+class SftExample:
+    """One teacher step as a prompt-completion pair, with what the held-out metrics compare to."""
+
+    prompt: list[dict[str, str]]  # system + user messages (the chat template is applied by TRL)
+    completion: str  # the teacher's answer in the output protocol
+    episode_id: str
+    env: str
+    step: int
+    action: str  # the teacher's action
+    planned: bool  # the teacher wrote a plan at this step (in the naive view too, where it is cut)
+
+    def as_record(self) -> dict:
+        """TRL's conversational prompt-completion format."""
+        return {"prompt": self.prompt, "completion": [{"role": "assistant", "content": self.completion}]}
+
+
+def check_validated(report_path: str | Path) -> dict:
+    """The validate stage's report, or SftInputError if it is missing or says the data failed."""
+    report_path = Path(report_path)
+    if not report_path.is_file():
+        raise SftInputError(
+            f"validation report not found: {report_path}; run `dvc repro validate` before training "
+            "(SFT trains only on data that passed the Great Expectations gate)"
+        )
+    try:
+        report = json.loads(report_path.read_text())
+    except json.JSONDecodeError as err:
+        raise SftInputError(f"validation report {report_path} is not valid JSON: {err}") from None
+    if report.get("success") is not True:
+        failed = report.get("failed") or report.get("failures") or "see the report"
+        raise SftInputError(
+            f"the dataset failed validation ({report_path}: success={report.get('success')!r}; {failed}); "
+            "fix the data and re-run `dvc repro validate`"
+        )
+    return report
+
+
+def read_rows(data_dir: str | Path, envs: Sequence[str]) -> list[dict]:
+    """The step records of `envs`, in dataset order (shard name, then row)."""
+    from dynaplan.data.dataset import read_table
+
+    try:
+        table = read_table(data_dir)
+    except FileNotFoundError as err:
+        raise SftInputError(f"{err}; run `dvc repro generate validate` first") from None
+    rows = [row for row in table.to_pylist() if row["env"] in set(envs)]
+    if not rows:
+        raise SftInputError(f"{data_dir} holds no steps of the envs {list(envs)} (params sft.envs)")
+    return rows
+
+
+def build_examples(rows: Sequence[dict], variant: str) -> list[SftExample]:
+    """Step records as examples of `variant`. `dynamic`: the stored prompt (dynamic-planning
+    instruction, the teacher's current plan) and the teacher's answer, plans included. `naive`:
+    the plan-stripped view (`naive_view`: mode "never", no current plan, the bare action), built
+    from the same observation and history window."""
+    views = list(rows)
+    if variant == "naive":
+        from dynaplan.data.generation import naive_view
+
+        views = naive_view(views).to_pylist()
+    elif variant != "dynamic":
+        raise ValueError(f"unknown SFT variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    return [
+        SftExample(
+            prompt=json.loads(view["messages"]),
+            completion=view["target"],
+            episode_id=row["episode_id"],
+            env=row["env"],
+            step=int(row["step"]),
+            action=row["action"],
+            planned=bool(row["planned"]),  # the teacher's decision, also for the naive view
+        )
+        for row, view in zip(rows, views)
+    ]
+
+
+def split_by_episode(
+    rows: Sequence[dict], eval_fraction: float, seed: int
+) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows: whole episodes, at least one held out per env with 2+ episodes,
+    chosen by a seeded permutation (so both variants hold out the same episodes)."""
+    by_env: dict[str, list[str]] = {}
+    for row in rows:
+        episodes = by_env.setdefault(row["env"], [])
+        if not episodes or episodes[-1] != row["episode_id"]:
+            if row["episode_id"] not in episodes:
+                episodes.append(row["episode_id"])
+    rng = np.random.default_rng(seed)
+    held_out: set[str] = set()
+    for env in sorted(by_env):
+        episodes = sorted(by_env[env])
+        if len(episodes) < 2:
+            raise SftInputError(f"env {env}: {len(episodes)} episode(s); SFT needs 2+ to hold some out")
+        count = min(len(episodes) - 1, max(1, math.ceil(eval_fraction * len(episodes))))
+        held_out.update(episodes[i] for i in rng.permutation(len(episodes))[:count])
+    train = [row for row in rows if row["episode_id"] not in held_out]
+    heldout = [row for row in rows if row["episode_id"] in held_out]
+    return train, heldout
+
+
+def sample_rows(rows: Sequence[dict], count: int, seed: int) -> list[dict]:
+    """A seeded sample of `count` rows (all of them when there are fewer), in dataset order."""
+    if len(rows) <= count:
+        return list(rows)
+    index = sorted(np.random.default_rng(seed).choice(len(rows), size=count, replace=False).tolist())
+    return [rows[i] for i in index]

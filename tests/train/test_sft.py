@@ -1,0 +1,288 @@
+"""SFT priming (train/sft.py, train/sft_data.py): the dataset views and split, exact batching,
+bad input caught before training, a tracked run that registers its adapter and loads back with
+the same greedy answers, and a killed run that resumes from its checkpoint (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from sft_fixtures import write_teacher_dataset
+
+from dynaplan.agent.protocol import PLAN_OPEN
+from dynaplan.config import parse_params
+from dynaplan.data.dataset import read_table
+from dynaplan.train.sft_data import SftInputError, build_examples, split_by_episode
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY_SFT = {
+    "max_steps": 4,
+    "batch_size": 4,
+    "grad_accum": 2,
+    "save_steps": 2,
+    "eval_examples": 6,
+    "eval_max_new_tokens": 6,
+    "eval_batch_size": 6,
+    "learning_rate": 2e-3,
+    "bf16": False,
+    "register_checkpoints": False,
+    "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+}
+
+
+def _paths(root: Path, base_dir: Path, variant: str = "dynamic"):
+    from dynaplan.train.sft import SftPaths
+
+    return SftPaths(
+        data_dir=root / "data" / "teacher",
+        report=root / "reports" / "validate.json",
+        base_dir=base_dir,
+        out_dir=root / "models" / f"sft-{variant}",
+        checkpoint_dir=root / "checkpoints" / f"sft-{variant}",
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sft-project")
+    write_teacher_dataset(root)
+    return root
+
+
+# ---- the dataset ------------------------------------------------------------------------------
+
+
+def test_split_holds_out_whole_episodes_of_every_env_and_is_seeded(teacher_data):
+    rows = read_table(teacher_data / "data" / "teacher").to_pylist()
+    train, heldout = split_by_episode(rows, eval_fraction=0.25, seed=3)
+    train_eps = {r["episode_id"] for r in train}
+    held_eps = {r["episode_id"] for r in heldout}
+    assert not train_eps & held_eps
+    assert {r["env"] for r in heldout} == {"crafter", "pogs"}
+    assert len(train) + len(heldout) == len(rows)
+    assert split_by_episode(rows, 0.25, 3) == (train, heldout)
+    assert split_by_episode(rows, 0.25, 4)[1] != heldout  # another seed, other episodes (4 per env)
+
+
+def test_naive_view_strips_every_plan_but_keeps_the_teachers_actions(teacher_data):
+    rows = read_table(teacher_data / "data" / "teacher").to_pylist()
+    dynamic, naive = build_examples(rows, "dynamic"), build_examples(rows, "naive")
+    assert any(ex.completion.startswith(PLAN_OPEN) for ex in dynamic)
+    for dyn, nav in zip(dynamic, naive):
+        assert nav.completion == dyn.action == nav.action
+        assert "<plan>" not in json.dumps(nav.prompt) and "Current plan:" not in nav.prompt[1]["content"]
+        assert "Do not write plans" in nav.prompt[0]["content"]
+        assert nav.planned == dyn.planned  # the teacher's decision is kept for the plan-rate metric
+    assert dynamic[0].prompt == json.loads(rows[0]["messages"])  # the stored shared-builder prompt
+
+
+# ---- exactness of the batching we use -----------------------------------------------------------
+
+
+def test_padding_free_and_labelled_only_scoring_give_the_padded_loss(teacher_data, tiny_model_dir):
+    import torch
+    from trl import SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from dynaplan.train.sft import (
+        load_base,
+        load_data,
+        make_config,
+        make_lora_config,
+        score_labelled_positions_only,
+        to_dataset,
+    )
+
+    params = parse_params({"sft": TINY_SFT})
+    paths = _paths(teacher_data, tiny_model_dir)
+    data = load_data(params, "dynamic", paths)
+    model, tokenizer = load_base(tiny_model_dir)
+    trainer = SFTTrainer(
+        model=model,
+        args=make_config(params, teacher_data / "exactness", has_eval=False),
+        train_dataset=to_dataset(data.train[:6]),
+        processing_class=tokenizer,
+        peft_config=make_lora_config(params),
+    )
+    features = [trainer.train_dataset[i] for i in range(6)]
+    features = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(features)
+    flat = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(features)
+    assert flat["input_ids"].shape[0] == 1 and (flat["input_ids"].shape[1] == padded["attention_mask"].sum())
+    trainer.model.eval()
+    with torch.no_grad():
+        loss_padded = trainer.compute_loss(trainer.model, dict(padded))
+        loss_flat = trainer.compute_loss(trainer.model, dict(flat))
+        with score_labelled_positions_only():
+            loss_compact = trainer.compute_loss(trainer.model, dict(flat))
+    assert loss_flat.item() == pytest.approx(loss_padded.item(), rel=1e-5)
+    assert loss_compact.item() == pytest.approx(loss_padded.item(), rel=1e-5)
+
+
+# ---- bad input is caught before training ----------------------------------------------------------
+
+
+def test_missing_or_failed_validation_report_stops_before_training(tmp_path, tiny_model_dir):
+    from dynaplan.train.sft import run_sft
+
+    params = parse_params({"sft": TINY_SFT})
+    write_teacher_dataset(tmp_path, episodes=2, steps=3, validated=False)
+    with pytest.raises(SftInputError, match="failed validation"):
+        run_sft(params, "dynamic", _paths(tmp_path, tiny_model_dir))
+    (tmp_path / "reports" / "validate.json").unlink()
+    with pytest.raises(SftInputError, match="dvc repro validate"):
+        run_sft(params, "dynamic", _paths(tmp_path, tiny_model_dir))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_example_longer_than_max_seq_len_is_an_error_naming_it(teacher_data, tiny_model_dir):
+    from dynaplan.train.sft import run_sft
+
+    params = parse_params({"sft": {**TINY_SFT, "max_seq_len": 40}})
+    with pytest.raises(SftInputError, match=r"tokens, longer than 40 \(sft.max_seq_len\)"):
+        run_sft(params, "dynamic", _paths(teacher_data, tiny_model_dir))
+
+
+def test_an_adapter_for_another_base_model_is_refused(tmp_path, tiny_model_dir, smollm2_tokenizer_dir):
+    from dynaplan.models.materialize import build_tiny_model
+    from dynaplan.train.sft import ADAPTER_META, base_fingerprint, check_adapter_base
+
+    other = build_tiny_model(tmp_path / "other", smollm2_tokenizer_dir, seed=1, num_layers=3)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / ADAPTER_META).write_text(json.dumps({"base_fingerprint": base_fingerprint(other), "base_model": "other"}))
+    with pytest.raises(SftInputError, match="was trained on base model 'other'"):
+        check_adapter_base(adapter, tiny_model_dir)
+    assert check_adapter_base(adapter, other)["base_model"] == "other"
+
+
+def test_task_exits_2_with_the_reason_when_the_dataset_is_missing(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": {"dir": str(tiny_model_dir)}, "sft": TINY_SFT}))
+    sys.path.insert(0, str(ROOT))
+    try:
+        from tasks.sft import main
+    finally:
+        sys.path.remove(str(ROOT))
+    assert main(["--variant", "naive"]) == 2
+
+
+# ---- a tracked run: per-step metrics, registry, load back --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tracked_run(teacher_data, tiny_model_dir):
+    """One `sft@dynamic` stage on the tiny model, MLflow on SQLite in the tmp project."""
+    from dynaplan.train.sft import sft_stage
+
+    old_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{teacher_data / 'mlflow.db'}"
+    os.environ["DYNAPLAN_ROOT"] = str(teacher_data)
+    try:
+        params = parse_params({"sft": {**TINY_SFT, "register_checkpoints": True}})
+        paths = _paths(teacher_data, tiny_model_dir)
+        out = sft_stage(params, "dynamic", paths, teacher_data / "metrics" / "sft-dynamic.json")
+        yield params, paths, out
+    finally:
+        os.environ.pop("DYNAPLAN_ROOT", None)
+        if old_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+
+
+def test_stage_logs_per_step_metrics_and_writes_the_metrics_file(tracked_run, teacher_data):
+    import mlflow
+
+    _, _, out = tracked_run
+    written = json.loads((teacher_data / "metrics" / "sft-dynamic.json").read_text())
+    assert written["model_uri"] == out["model_uri"] and written["global_step"] == 4
+    for key in ("heldout_loss", "kl_to_base", "action_accuracy", "format_valid", "plan_rate", "teacher_plan_rate"):
+        assert isinstance(written[key], float)
+    assert written["kl_to_base"] > 0  # the adapter moved the model away from its base
+    client = mlflow.MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("dynaplan").experiment_id])[0]
+    history = client.get_metric_history(run.info.run_id, "train.loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert client.get_metric_history(run.info.run_id, "heldout.kl_to_base")
+
+
+def test_every_checkpoint_and_the_final_adapter_are_tagged_versions(tracked_run):
+    import mlflow
+
+    _, _, out = tracked_run
+    versions = mlflow.MlflowClient().search_model_versions("name='dynaplan-agent'")
+    by_step = {v.tags["global_step"]: v for v in versions}
+    assert set(by_step) == {"2", "4"}  # checkpoints 2 and 4, and the final adapter at 4
+    assert len(versions) == 3
+    final = [v for v in versions if v.tags["final"] == "true"]
+    assert len(final) == 1 and out["model_version"] == str(final[0].version)
+    tags = final[0].tags
+    assert tags["stage"] == "sft" and tags["variant"] == "dynamic" and tags["base_model"] == "smollm2"
+    assert tags["dataset_digest"] == out["dataset_digest"] and tags["git_commit"]
+    assert float(tags["sft.kl_to_base"]) == pytest.approx(out["kl_to_base"], rel=1e-4)
+
+
+def test_registered_version_loads_back_with_the_same_greedy_answers(tracked_run, teacher_data):
+    import mlflow
+
+    from dynaplan import tracking
+    from dynaplan.models.base import GenerationRequest, SamplingParams
+    from dynaplan.models.hf import HFBackend
+    from dynaplan.train.sft import load_data
+
+    params, paths, out = tracked_run
+    prompts = [ex.prompt for ex in load_data(params, "dynamic", paths).heldout[:4]]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    requests = [GenerationRequest(messages=p) for p in prompts]
+    in_memory = HFBackend(paths.base_dir, paths.out_dir / "adapter").generate(requests, greedy, seed=0)
+    base_dir, adapter_dir = tracking.load_agent(out["model_uri"], dst=teacher_data / "downloaded")
+    assert base_dir.resolve() == paths.base_dir.resolve()
+    loaded = HFBackend(base_dir, adapter_dir, check_adapter_base=False).generate(requests, greedy, seed=0)
+    assert [g.token_ids for g in loaded] == [g.token_ids for g in in_memory]
+    pyfunc = mlflow.pyfunc.load_model(out["model_uri"])
+    answers = pyfunc.predict({"messages": [json.dumps(p) for p in prompts]}, params={"max_new_tokens": 8})
+    assert list(answers) == [g.text for g in in_memory]
+
+
+# ---- resume after a kill --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_last_checkpoint_not_from_zero(tmp_path, tiny_model_dir):
+    """Starts `python -m tasks.sft` in a tmp project, SIGKILLs it once checkpoint-2 is complete,
+    then runs the stage again: it must resume at the saved step and finish the schedule."""
+    write_teacher_dataset(tmp_path)
+    settings = {**TINY_SFT, "max_steps": 30, "save_steps": 2, "save_total_limit": 30, "eval_examples": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": {"dir": str(tiny_model_dir)}, "sft": settings}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.sft", "--variant", "dynamic"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "checkpoints" / "sft-dynamic" / "checkpoint-2"
+    deadline = time.time() + 240
+    while not (checkpoint / "dynaplan_adapter.json").is_file():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(int(p.name.split("-")[1]) for p in checkpoint.parent.glob("checkpoint-*"))
+    assert saved and max(saved) < 30, "killed too late to test resuming"
+    done = subprocess.run([sys.executable, "-m", "tasks.sft", "--variant", "dynamic"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics" / "sft-dynamic.json").read_text())
+    assert metrics["global_step"] == 30
+    assert metrics["resumed_from_step"] >= 2 and metrics["resumed_from_step"] in saved
+    state = json.loads((checkpoint.parent / "checkpoint-30" / "trainer_state.json").read_text())
+    losses = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert losses[0] <= 2 and losses[-1] == 30  # the history carries on from the checkpoint
