@@ -28,6 +28,7 @@ from dynaplan.envs.crafter_text import (
 
 WALKABLE = {"grass", "sand", "path"}
 CREATURES = {"zombie", "skeleton", "cow", "arrow"}
+SAFE_GROUND = {"grass", "sand"}  # path tiles are tunnels, where skeletons live
 MOVES = {(-1, 0): "Move West", (1, 0): "Move East", (0, -1): "Move North", (0, 1): "Move South"}
 
 
@@ -203,7 +204,8 @@ def test_first_unlock_steps_agree_with_crafters_counter():
 
 
 class SurvivalPolicy:
-    """A small scripted player that lives long: drinks, eats cows, fights zombies, chops trees.
+    """A small scripted player that lives long: drinks, eats cows, fights zombies with a wood
+    sword, keeps off skeleton tunnels and sleeps in daylight (crafter spawns no zombies then).
 
     Only for the determinism tests (the real teacher is teachers.crafter_expert); it acts on the
     info contract alone (remembering the tiles it has seen) and draws its randomness from a
@@ -217,8 +219,9 @@ class SurvivalPolicy:
         self.heading = (0, 1)
 
     def __call__(self, info: dict) -> str:
-        view, status = info["local_view"], info["status"]
+        view, status, inventory = info["local_view"], info["status"], info["inventory"]
         x, y = info["player_pos"]
+        facing = tuple(info["facing"])
         self.known.update(self.creatures)  # creatures move: forget where they were
         self.creatures = {}
         for r in range(7):
@@ -229,8 +232,7 @@ class SurvivalPolicy:
                     self.creatures[pos] = "grass"
         if info["sleeping"]:
             return "Noop"
-        inventory = info["inventory"]
-        front = view[3 + info["facing"][1]][4 + info["facing"][0]]
+        front = view[3 + facing[1]][4 + facing[0]]
         # A wood sword halves the hits a zombie needs, and so the damage taken in a fight.
         if not inventory["wood_sword"]:
             near_table = any(view[r][c] == "table" for r in (2, 3, 4) for c in (3, 4, 5))
@@ -238,25 +240,35 @@ class SurvivalPolicy:
                 return "Make Wood Sword"
             if inventory["wood"] >= 3 and front == "grass":
                 return "Place Table"
-        wants = ["zombie"]
+        threats = [(c - 4, r - 3) for r in range(7) for c in range(9) if view[r][c] in ("skeleton", "arrow")]
+        if threats:
+            dx, dy = min(threats, key=lambda d: abs(d[0]) + abs(d[1]))
+            away = [d for d in MOVES if d[0] * dx + d[1] * dy < 0 and view[3 + d[1]][4 + d[0]] in SAFE_GROUND]
+            if away and abs(dx) + abs(dy) <= 5:
+                return MOVES[away[0]]
+        zombie = self._toward("zombie", (x, y), facing, max_distance=4)
+        if zombie:
+            return zombie
+        # Daylight phase of crafter's 300-step cycle: no zombie spawns, so sleeping is safe.
+        if 5 <= info["step"] % 300 <= 100 and status["energy"] < 8 or status["energy"] == 0:
+            return "Sleep"
+        wants = []
         if status["drink"] < 7:
             wants.append("water")
         if status["food"] < 6:
             wants.append("cow")
-        if info["inventory"]["wood"] < 5:
+        if inventory["wood"] < 5:
             wants.append("tree")
         for target in wants:
-            move = self._toward(target, (x, y), tuple(info["facing"]))
+            move = self._toward(target, (x, y), facing)
             if move:
                 return move
-        if status["energy"] < 2:
-            return "Sleep"
         return self._wander(view)
 
-    def _toward(self, target: str, start: tuple[int, int], facing: tuple[int, int]) -> str | None:
-        """First action of a shortest walk (over remembered walkable tiles) to face `target`."""
+    def _toward(self, target: str, start: tuple[int, int], facing: tuple[int, int], max_distance: int = 40) -> str | None:
+        """First action of a shortest walk (over remembered safe ground) to face `target`."""
         frontier, parent = [start], {start: None}
-        while frontier:
+        for _ in range(max_distance):
             next_frontier = []
             for pos in frontier:
                 for d in MOVES:
@@ -269,7 +281,7 @@ class SurvivalPolicy:
                         while parent[pos] != start:
                             pos = parent[pos]
                         return MOVES[(pos[0] - start[0], pos[1] - start[1])]
-                    if name in WALKABLE and nxt not in parent and abs(nxt[0] - start[0]) + abs(nxt[1] - start[1]) < 40:
+                    if name in SAFE_GROUND and nxt not in parent:
                         parent[nxt] = pos
                         next_frontier.append(nxt)
             frontier = next_frontier
@@ -277,7 +289,7 @@ class SurvivalPolicy:
 
     def _wander(self, view) -> str:
         dx, dy = self.heading
-        if self.rng.random() < 0.05 or view[3 + dy][4 + dx] not in WALKABLE:
+        if self.rng.random() < 0.05 or view[3 + dy][4 + dx] not in SAFE_GROUND:
             self.heading = list(MOVES)[int(self.rng.integers(4))]
         return MOVES[self.heading]
 
@@ -345,10 +357,11 @@ def digests_in_subprocess(runs: list[tuple[int, str]], steps: int = 1000) -> lis
 
 
 def test_scripted_episodes_are_identical_when_replayed_in_one_process():
-    # The scripted player dies after a few hundred steps; whole episodes, many despawn rounds.
-    for seed in (9, 2):
+    # The scripted player dies after a few hundred steps (night zombies); whole episodes, with
+    # dozens of despawn rounds and one or two nights each.
+    for seed in (7, 2):
         first = reference_digest(seed)
-        assert first[1] >= 250, f"seed {seed}: episode too short to cover despawning and a night"
+        assert first[1] >= 450, f"seed {seed}: episode too short to cover despawning and a night"
         assert trajectory_digest(seed, 1000) == first
 
 
@@ -363,8 +376,8 @@ def expert_survivor() -> tuple[int, str]:
 
 
 def test_scripted_episode_is_identical_in_another_process():
-    digest, _ = reference_digest(9)
-    assert digests_in_subprocess([(9, "scripted")]) == [digest]
+    digest, _ = reference_digest(7)
+    assert digests_in_subprocess([(7, "scripted")]) == [digest]
 
 
 # The expert runs are the long ones (1,000 steps of a planner, several seeds searched).
