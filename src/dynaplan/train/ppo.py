@@ -557,7 +557,9 @@ def train(
             "lower ppo.iterations or ppo.episodes_per_iteration, or move seeds.eval_start"
         )
     probe = make_env(args.env, **env_kwargs)
-    action_names, default_action, rules = probe.action_names, probe.default_action, probe.rules
+    action_names, rules = probe.action_names, probe.rules
+    # POGS's default (stay put, an invalid move) depends on where the agent is: read it per step.
+    default_action = (lambda info: str(info["current_node"])) if args.env == "pogs" else probe.default_action
     probe.close()
 
     random.seed(args.seed)
