@@ -245,5 +245,52 @@ def train_ppo_cmd(
         f"{out['progression']:.3f}, plan tokens/episode {out['plan_tokens_per_episode']:.1f} -> {out['model_uri']}"
     )
 
+@train_app.command("sft")
+def train_sft_cmd(
+    variant: str = typer.Option("dynamic", help="dynamic (the teacher's plans) | naive (plans stripped)"),
+    max_steps: int = typer.Option(None, help="optimizer steps, 0 = from epochs (default: sft.max_steps)"),
+    epochs: float = typer.Option(None, help="passes over the training examples (default: sft.epochs)"),
+    learning_rate: float = typer.Option(None, help="peak learning rate (default: sft.learning_rate)"),
+    max_train_examples: int = typer.Option(None, help="training examples, 0 = all (default: sft.max_train_examples)"),
+    bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: sft.bf16)"),
+    data: Path = typer.Option(Path("data/teacher"), help="teacher step shards (the generate stage)"),
+    report: Path = typer.Option(Path("reports/validate/summary.json"), help="the validate stage's report"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+) -> None:
+    """SFT priming, as the DVC stage sft@<variant> runs it: resumes from checkpoints/sft-<variant>,
+    writes models/sft-<variant>/adapter and metrics/sft-<variant>.json, registers dynaplan-agent."""
+    from rich.table import Table
+
+    from dynaplan.config import parse_params
+    from dynaplan.train.sft import SftPaths, sft_stage
+    from dynaplan.train.sft_data import VARIANTS, SftInputError
+
+    if variant not in VARIANTS:
+        fail_usage(f"--variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    overrides = {"max_steps": max_steps, "epochs": epochs, "learning_rate": learning_rate,
+                 "max_train_examples": max_train_examples, "bf16": bf16}
+    try:
+        loaded = load_params(params)
+        raw = loaded.model_dump(mode="json", by_alias=True)
+        raw["sft"].update({k: v for k, v in overrides.items() if v is not None})
+        loaded = parse_params(raw, f"{params} + command-line options")
+        paths = SftPaths(
+            data_dir=data, report=report, base_dir=Path(loaded.model.dir), out_dir=Path(f"models/sft-{variant}"),
+            checkpoint_dir=Path(f"checkpoints/sft-{variant}"),
+        )
+        out = sft_stage(loaded, variant, paths, Path(f"metrics/sft-{variant}.json"))
+    except (ConfigError, SftInputError) as err:
+        fail_usage(str(err))
+    table = Table(title=f"sft@{variant} on {out['heldout_examples']} held-out steps")
+    for column in ("held-out loss", "action accuracy", "format valid", "plan rate (teacher)", "KL to base"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{out['heldout_loss']:.3f}", f"{out['action_accuracy']:.3f}", f"{out['format_valid']:.3f}",
+        f"{out['plan_rate']:.3f} ({out['teacher_plan_rate']:.3f})", f"{out['kl_to_base']:.4f}",
+    )
+    console.print(table)
+    console.print(f"[green]registered[/] {out['model_uri']}")
+
+
 if __name__ == "__main__":
     app()
