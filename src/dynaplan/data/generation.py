@@ -142,14 +142,22 @@ def teacher_seed(base_seed: int, env: str, env_seed: int) -> int:
 
 
 @lru_cache(maxsize=4)
-def _token_counter(tokenizer_dir: str) -> Callable[[str], int]:
-    from transformers import AutoTokenizer
+def token_counter(tokenizer_dir: str) -> Callable[[str], int]:
+    """Token count of a text under the model's tokenizer (no special tokens).
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    Uses the `tokenizers` library on `tokenizer.json`, the same fast tokenizer transformers
+    wraps, because importing transformers (and torch) costs each worker process many seconds.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: model.dir must hold a fast tokenizer (run the base_model stage)")
+    tokenizer = Tokenizer.from_file(str(path))
 
     @lru_cache(maxsize=4096)
     def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(tokenizer.encode(text, add_special_tokens=False).ids)
 
     return count
 
@@ -163,7 +171,7 @@ def rollout_episode(env_name: str, env_seed: int, settings: GenerationSettings) 
     from dynaplan.envs import make_env
     from dynaplan.teachers import make_teacher
 
-    count_tokens = _token_counter(settings.tokenizer_dir)
+    count_tokens = token_counter(settings.tokenizer_dir)
     env = make_env(env_name, **settings.env_kwargs[env_name])
     teacher = make_teacher(
         env_name,
