@@ -133,12 +133,26 @@ def _dir_stamp(path: str | None) -> list:
     )
 
 
+def _code_digest() -> str:
+    """A hash of the code that decides what happens in an episode (envs, teachers, agent,
+    models, the rollout engine, this runner): changed code must not reuse old episodes."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for folder in ("envs", "teachers", "agent", "models", "train/rollout.py", "eval/runner.py"):
+        root = package / folder
+        for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
+            digest.update(str(path.relative_to(package)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def fingerprint(spec: EvalSpec) -> str:
     """A hash of everything that decides the episodes (not `episodes`/`best_of`/`num_envs`,
     so a larger run reuses the finished episodes of a smaller one)."""
     fields = asdict(spec)
     for key in ("name", "episodes", "best_of", "num_envs"):
         fields.pop(key)
+    fields["code"] = _code_digest()
     fields["model_stamp"] = _dir_stamp(spec.model)
     fields["adapter_stamp"] = _dir_stamp(spec.adapter)
     if spec.plans and Path(spec.plans).is_file():
@@ -191,15 +205,38 @@ def load_backend_for(spec: EvalSpec, model_dir: str, adapter_dir: str | None):
     return load_backend(spec.backend, model=model_dir, adapter=adapter_dir, dtype=spec.dtype)
 
 
+def _env_seeded_teacher_policy():
+    from dynaplan.agent.policy import TeacherPolicy
+
+    class EnvSeededTeacherPolicy(TeacherPolicy):
+        """The scripted expert seeded with the env seed itself when the policy seed is 0, as
+        benchmarks/crafter_expert.py and `dynaplan play` seed it, so that this evaluation
+        reproduces the benchmark's numbers on the same seeds; other seeds mix in the policy seed."""
+
+        def start_episode(self, slot: int, seed: int, observation: str, info: dict) -> None:
+            if self.seed != 0:
+                return super().start_episode(slot, seed, observation, info)
+            from dynaplan.teachers import make_teacher
+
+            teacher = make_teacher(self.env_name, seed=seed, **self.teacher_kwargs)
+            teacher.reset(observation, info)
+            self._teachers[slot] = teacher
+            self._plans[slot] = None
+
+    return EnvSeededTeacherPolicy
+
+
 def build_policy(spec: EvalSpec, env, seed: int, backend=None):
     """The policy an EvalSpec names, for one attempt's seed (`backend` is reused across attempts)."""
-    from dynaplan.agent.policy import LLMPolicy, RandomPolicy, TeacherPolicy, load_plans_file
+    from dynaplan.agent.policy import LLMPolicy, RandomPolicy, load_plans_file
     from dynaplan.models.base import SamplingParams
+
+    EnvSeededTeacherPolicy = _env_seeded_teacher_policy()
 
     if spec.policy == "random":
         return RandomPolicy(env.action_names, seed=seed)
     if spec.policy == "expert":
-        return TeacherPolicy(spec.env, seed=seed, count_tokens=_token_counter(spec.tokenizer))
+        return EnvSeededTeacherPolicy(spec.env, seed=seed, count_tokens=_token_counter(spec.tokenizer))
     return LLMPolicy(
         backend,
         action_names=env.action_names,
