@@ -70,6 +70,11 @@ class CrafterExpert:
     food_urgent = 4
     drink_urgent = 4
     shelter_max_cost = 40
+    stay_while_zombies = False
+    night_start, night_end = 140, 270  # steps into crafter's 300-step day when zombies crowd
+    stay_at_night = False
+    spare_wood = 2  # wood kept beyond the remaining tools' needs (a second table)
+    wood_detour = 15  # how far a tree may be for a top-up
     skeleton_avoid_radius = 3
     skeleton_avoid_cost = 4
 
@@ -218,6 +223,12 @@ class CrafterExpert:
         if self._danger_step == self.t:
             return self._danger_cells
         danger: dict[int, int] = {}
+        recent = self._last_positions[-6:]
+        if len(recent) == 6 and len(set(recent)) == 2:
+            # Dithering between two cells as skeletons move the cheapest detour back and forth:
+            # ignore them for a moment and go straight.
+            self._danger_step, self._danger_cells = self.t, danger
+            return danger
         size = self.map_size
         radius = self.skeleton_avoid_radius
         for cell, kind in self.map.creatures.items():
@@ -440,12 +451,21 @@ class CrafterExpert:
     def _is_night(self) -> bool:
         # The agent counts its own steps; crafter's daylight has a 300-step period and is darkest
         # 210 steps into it (env._update_time), when zombies crowd the grass.
-        return 165 <= self.t % 300 <= 255
+        return self.night_start <= self.t % 300 <= self.night_end
 
     def _enemies_within(self, distance: int) -> bool:
         x, y = self.pos
         for cell, kind in self.map.creatures.items():
             if kind in ("zombie", "skeleton", "arrow"):
+                cx, cy = self.map.xy(cell)
+                if abs(cx - x) + abs(cy - y) <= distance:
+                    return True
+        return False
+
+    def _zombies_within(self, distance: int) -> bool:
+        x, y = self.pos
+        for cell, kind in self.map.creatures.items():
+            if kind == "zombie":
                 cx, cy = self.map.xy(cell)
                 if abs(cx - x) + abs(cy - y) <= distance:
                     return True
@@ -463,6 +483,11 @@ class CrafterExpert:
             self._rest_mode = False
         if not (self._sleep_mode or self._rest_mode):
             self._shelter = None
+            stay = (self.stay_while_zombies and self._zombies_within(8)) or (self.stay_at_night and self._is_night())
+            if stay and self._sealed() and min(self.status["food"], self.status["drink"]) > 3:
+                # Zombies wait outside the wall (they crowd the grass in the dark): leaving now
+                # costs 2 health per zombie, staying costs only time.
+                return "Noop", SubGoal("rest", "stay behind my stone wall until the zombies leave", "zombies are waiting outside")
             return None
         if self._sleep_mode:
             why = f"my energy is low ({energy}/9) and zombies hit sleepers hard"
@@ -480,6 +505,10 @@ class CrafterExpert:
         return None
 
     def _shelter_step(self) -> str | None:
+        """One step of walling in: the shelter is a 1-wide corridor of two cells whose sides are
+        solid; its two ends get a stone each. One can only face an open tile by walking toward
+        it, so each end is closed from the far cell's side: walk to the partner cell, arriving
+        faced to that cell's end, place, walk back, place."""
         m = self.map
         size = self.map_size
         if self._shelter is None:
@@ -487,27 +516,23 @@ class CrafterExpert:
             if self._shelter is None:
                 return None
         entry, (dx, dy) = self._shelter
-        first, second = entry + dx * size + dy, entry + 2 * (dx * size + dy)
-        beyond = entry + 3 * (dx * size + dy)
-        back = (-dx, -dy)
-        if self.cell == first and self.facing == back:
-            if entry in m.creatures:
-                return "Do"
-            if m.mat[entry] in WALKABLE:
-                return "Place Stone" if self._has("stone") else self._abandon_shelter()
-            return self._abandon_shelter()
-        if self.cell == second:
-            if beyond in m.creatures:
-                return "Do" if self.facing == (dx, dy) else DIRECTIONS[(dx, dy)]
-            if m.mat[beyond] not in SOLID:
-                if not self._has("stone"):
-                    return self._abandon_shelter()
-                return "Place Stone" if self.facing == (dx, dy) else DIRECTIONS[(dx, dy)]
-            return DIRECTIONS[back]
-        if self.cell in (entry, first):
-            nxt = first if self.cell == entry else second
-            return self._step_along([self.cell, nxt])
-        path = self._search(lambda c: c == entry, max_cost=80)
+        step = dx * size + dy
+        first, second = entry + step, entry + 2 * step
+        ends = {first: (entry, (-dx, -dy)), second: (entry + 3 * step, (dx, dy))}
+        if self.cell in ends:
+            partner = second if self.cell == first else first
+            end, outward = ends[self.cell]
+            if end in m.creatures:
+                if m.creatures[end] in ("zombie", "skeleton", "cow") and self.facing == outward:
+                    return "Do"
+            elif m.mat[end] not in SOLID:
+                if self.facing == outward:
+                    return "Place Stone" if self._has("stone") else self._abandon_shelter()
+            partner_end, _ = ends[partner]
+            if m.mat[end] in SOLID and m.mat[partner_end] in SOLID and partner_end not in m.creatures:
+                return self._abandon_shelter()  # closed but not sealed: the map disagrees, pick again
+            return self._step_along([self.cell, partner])
+        path = self._search(lambda c: c == first or c == second, max_cost=self.shelter_max_cost)
         if path is None:
             return self._abandon_shelter()
         return self._step_along(path)
@@ -527,8 +552,10 @@ class CrafterExpert:
         def code(x: int, y: int) -> int:
             return mat[x * size + y] if 0 <= x < size and 0 <= y < size else VOID
 
+        danger = self._danger()
+
         def goal(cell: int) -> bool:
-            if mat[cell] not in WALKABLE:
+            if mat[cell] not in WALKABLE or cell in danger:
                 return False
             x, y = divmod(cell, size)
             for dx, dy in DIRECTIONS:
@@ -565,7 +592,9 @@ class CrafterExpert:
                     return True
             return False
 
-        path = m.search(self.cell, costs, goal, max_cost=self.shelter_max_cost, creature_cost=CREATURE_COST)
+        path = m.search(
+            self.cell, costs, goal, max_cost=self.shelter_max_cost, creature_cost=CREATURE_COST, danger=self._danger()
+        )
         if path is None:
             return None
         return path[-1], found[path[-1]]
@@ -582,6 +611,8 @@ class CrafterExpert:
         urgent = drink <= self.drink_urgent or self._drinking
         if urgent:
             max_cost = 400
+        elif self._zombies_within(6):
+            return None  # a top-up is not worth a zombie fight
         elif drink <= 6:
             max_cost = 30
         elif "collect_drink" not in self.achieved:
@@ -612,6 +643,8 @@ class CrafterExpert:
         urgent = food <= self.food_urgent or self._eating
         if urgent:
             max_cost = 400
+        elif self._zombies_within(6):
+            return None  # a snack is not worth a zombie fight
         elif food <= 7:
             max_cost = 25
         elif "eat_cow" not in self.achieved:
@@ -667,10 +700,10 @@ class CrafterExpert:
         if not self._has("wood_sword"):
             return self._craft("wood_sword", "a sword makes fights shorter")
         # 2. Top up wood for the later tools and a second table near the mines.
-        wood_target = min(9, tools_wood + 4)
+        wood_target = min(9, tools_wood + self.spare_wood)
         if wood < wood_target:
             trees = self.map.cells[TREE]
-            if trees and self._search(self._adjacent_goal(trees), max_cost=25):
+            if trees and self._search(self._adjacent_goal(trees), max_cost=self.wood_detour):
                 return self._collect_wood(wood_target, "later tools and a table near the mines need wood")
         # 3. Sapling and plant while still on grass.
         if "place_plant" not in done:
