@@ -84,7 +84,7 @@ class GenerateParams(Section):
 class ValidateParams(Section):
     plan_min_chars: int = Field(8, ge=1, description="shortest allowed plan text")
     plan_max_chars: int = Field(600, ge=1, le=2000, description="longest allowed plan text")
-    max_seq_len: int = Field(1024, ge=64, description="prompt plus target must fit in this many tokens")
+    max_seq_len: int = Field(2048, ge=64, description="prompt plus target (chat template applied) must fit in this many tokens; keep sft.max_seq_len >= this (Crafter cave views reach ~1400)")
 
 
 class EvaluateParams(Section):
