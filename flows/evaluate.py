@@ -1,13 +1,15 @@
 """The `evaluate` deployment: evaluate a registered agent version (a number or an alias such as
 `champion`) on held-out seeds, in its own working copy, on the `gpu` pool; results as artifacts.
 
-It wires `python -m tasks.evaluate` into a working copy; scoring lives in dynaplan.eval.
+It wires `dynaplan evaluate` into a working copy; scoring lives in dynaplan.eval.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 import time
 from typing import Any
 
@@ -42,13 +44,16 @@ def evaluate(
     plans: str | None = None,
     best_of: int | None = None,
     backend: str | None = None,
+    base_url: str | None = None,
     revision: str = "HEAD",
     profile: str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` (a version, an alias or a models:/ URI) with planning `mode` (dynamic,
     every_k, never, always) and optionally a human `plans` file, on `episodes` held-out seeds
-    from `seed_start` (default: params' seeds.eval_start)."""
+    from `seed_start` (default: params' seeds.eval_start). With `backend="openai"` the model is
+    served by `vllm serve` at `base_url` (default $DYNAPLAN_OPENAI_BASE_URL): the 70B zero-shot
+    agent of the paper-scale profile, named by its local model dir in `model`."""
     logger = get_run_logger()
     ws_lib.share_tracking()
     overrides = {**ws_lib.backend_overrides(backend), **dict(overrides or {})}
@@ -58,15 +63,15 @@ def evaluate(
     workspace = ws_lib.create_workspace(name, revision=revision, overrides=overrides, profile=profile)
     uri = model_uri(model)
     label = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{uri.removeprefix('models:/')}-{mode or 'default'}")
+    if backend == "openai" and base_url is None:
+        base_url = os.environ.get("DYNAPLAN_OPENAI_BASE_URL")
     args = ["--name", label, "--policy", "model", "--model", uri]
-    for flag, value in (("--env", env), ("--mode", mode), ("--k", k), ("--plans", plans), ("--best-of", best_of)):
+    for flag, value in (("--env", env), ("--mode", mode), ("--k", k), ("--plans", plans), ("--best-of", best_of),
+                        ("--episodes", episodes), ("--base-url", base_url)):
         if value is not None:
             args += [flag, str(value)]
-    if episodes is not None:
-        # the task reads episodes from params: an override, validated like every other
-        ws_lib.write_params(workspace.path, {"evaluate.episodes": episodes})
     started = time.monotonic()
-    ws_lib._run(["python", "-m", "tasks.evaluate", *args], cwd=workspace.path, env=ws_lib.dvc_env(workspace.path))
+    ws_lib._run([sys.executable, "-m", "dynaplan.cli", "evaluate", *args], cwd=workspace.path, env=ws_lib.dvc_env(workspace.path))
     seconds = round(time.monotonic() - started, 1)
     out_dir = workspace.path / "reports" / "eval" / label
     metrics = json.loads((out_dir / "metrics.json").read_text())

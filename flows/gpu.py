@@ -27,7 +27,9 @@ STAGE_FLOW = "dynaplan-stage"
 GPU_DEPLOYMENT = f"{STAGE_FLOW}/gpu"
 # Stage-name patterns (fnmatch) that need a GPU: training and evaluating a model. The scripted
 # baselines (evaluate_expert_*, evaluate_random_*) and data stages stay on the CPU pool.
-DEFAULT_GPU_STAGES: tuple[str, ...] = ("sft", "sft_*", "ppo", "ppo@*", "ppo_*", "evaluate_model*", "goldilocks@*", "best_of@*", "evaluate@*")
+DEFAULT_GPU_STAGES: tuple[str, ...] = (
+    "sft", "sft@*", "ppo", "ppo@*", "goldilocks@*", "goldilocks_mode@*", "best_of", "best_of_human_plans", "evaluate_model*",
+)
 OUTCOMES_ARTIFACT = "stage-outcomes"
 
 
@@ -36,13 +38,12 @@ def is_gpu_stage(stage: str, patterns: Sequence[str]) -> bool:
 
 
 def current_pool() -> str | None:
-    """The work pool of the worker running this flow run (None outside a deployment run)."""
-    from prefect.context import get_run_context
+    """The work pool of the worker running this flow run (None outside a deployment run);
+    works inside the flow's tasks too."""
+    from prefect.context import FlowRunContext
 
-    try:
-        flow_run = get_run_context().flow_run
-    except Exception:  # no run context: called from a plain script or a test
-        return None
+    context = FlowRunContext.get()
+    flow_run = getattr(context, "flow_run", None)
     return getattr(flow_run, "work_pool_name", None)
 
 

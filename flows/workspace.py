@@ -149,6 +149,8 @@ def dvc_env(copy: Path, extra: Mapping[str, str] | None = None) -> dict[str, str
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = os.pathsep.join([str(copy / "src"), str(copy)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["DYNAPLAN_ROOT"] = str(copy)
+    # no __pycache__ inside deps folders of the copy (the pool compares folder hashes)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
     if extra:
         env.update(extra)

@@ -1,7 +1,8 @@
 """DVC stage `promote`: the registry gate (challenger vs champion on the same held-out seeds).
 
 Thin: reads params, calls dynaplan.promotion.run_gate, which writes reports/promote/decision.json.
-A refused promotion (no challenger, an unevaluated version) exits 1 with the reason.
+With no challenger it records `no_candidate` and succeeds; a refused promotion (an unevaluated
+version) exits 1 with the reason.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def main() -> int:
     except PromotionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if decision is None:
+        print("no_candidate: no version has the alias 'challenger'; nothing to decide")
+        return 0
     print(f"{decision.outcome}: {decision.reason}")
     return 0
 

@@ -179,3 +179,29 @@ def test_registry_evaluation_callback_fills_in_and_is_stored(registry):
 def test_registry_without_challenger_alias_is_refused(registry):
     with pytest.raises(PromotionError, match="alias 'challenger'"):
         run_gate()
+
+
+def test_run_gate_writes_the_record_with_the_numbers(registry, tmp_path):
+    from dynaplan.config import parse_params
+
+    params = parse_params({"seeds": {"eval_start": 1000}, "promote": {"episodes": 4, "evaluate_missing": False, "env": "pogs"}})
+    store("1", [0.1, 0.2, 0.3, 0.2])
+    store("2", [0.3, 0.5, 0.4, 0.6], tokens=[200, 220, 180, 200])
+    registry.set_registered_model_alias(NAME, CHAMPION, "1")
+    registry.set_registered_model_alias(NAME, CHALLENGER, "2")
+    record_path = tmp_path / "decision.json"
+    decision = promotion.run_gate(params, record_path)
+    record = json.loads(record_path.read_text())
+    assert decision.promoted and record["outcome"] == "promoted"
+    assert record["seeds"] == SEEDS
+    assert record["candidate_per_seed"] == [0.3, 0.5, 0.4, 0.6] and record["champion_per_seed"] == [0.1, 0.2, 0.3, 0.2]
+    assert record["mean_difference"] == pytest.approx(0.25) and record["paired_se"] == pytest.approx(0.0645497, rel=1e-5)
+    assert record["candidate_tokens_per_episode"] == pytest.approx(200) and record["max_tokens_per_episode"] == 20000
+
+
+def test_run_gate_without_challenger_records_no_candidate(registry, tmp_path):
+    from dynaplan.config import parse_params
+
+    params = parse_params({"promote": {"evaluate_missing": False}})
+    assert promotion.run_gate(params, tmp_path / "d.json") is None
+    assert json.loads((tmp_path / "d.json").read_text())["outcome"] == "no_candidate"

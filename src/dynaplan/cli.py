@@ -203,6 +203,9 @@ def promote_command(
     except PromotionError as err:
         err_console.print(f"[bold red]refused:[/] {err}")
         raise typer.Exit(1)
+    if decision is None:
+        console.print(f"[yellow]no_candidate[/]: no version of the model has the alias 'challenger' (record: {record})")
+        return
     colour = "green" if decision.promoted else "yellow"
     console.print(f"[{colour}]{decision.outcome}[/]: {decision.reason}")
     console.print(f"decision record: {record}")

@@ -32,6 +32,11 @@ class PromotionError(RuntimeError):
     The message says which version and what to run first; nothing in the registry was changed."""
 
 
+class NoCandidate(PromotionError):
+    """No version carries the `challenger` alias: there is nothing to decide (not a failure of
+    a pipeline run; `run_gate` records it and returns None)."""
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """One version's results on the held-out seeds, one entry per seed, in seed order."""
@@ -275,7 +280,7 @@ def promote(
     seeds = [int(s) for s in seeds]
     candidate_version = tracking.version_for_alias(model_name, CHALLENGER)
     if candidate_version is None:
-        raise PromotionError(
+        raise NoCandidate(
             f"no version of {model_name} has the alias '{CHALLENGER}'; set it on the version to "
             f"consider (MlflowClient().set_registered_model_alias('{model_name}', '{CHALLENGER}', <version>))"
         )
@@ -330,19 +335,25 @@ def evaluate_with_runner(params: Any, version: str) -> Evaluation:
     return Evaluation.from_episodes(version, [ep for ep in result.episodes if ep["attempt"] == 0])
 
 
-def run_gate(params: Any, record_path: str | Path = RECORD_PATH) -> Decision:
+def run_gate(params: Any, record_path: str | Path = RECORD_PATH) -> Decision | None:
     """The promote stage and `dynaplan promote`: the gate over the params' `promote` section on
-    seeds `seeds.eval_start ..`, then the decision record written atomically as JSON."""
+    seeds `seeds.eval_start ..`, then the decision record written atomically as JSON. With no
+    challenger the record says so and None is returned; other refusals raise PromotionError."""
     gate = params.promote
     seeds = list(range(params.seeds.eval_start, params.seeds.eval_start + gate.episodes))
     evaluate = (lambda version: evaluate_with_runner(params, version)) if gate.evaluate_missing else None
-    decision = promote(
-        model_name=gate.model_name, env=gate.env, seeds=seeds, margin_se=gate.margin_se,
-        max_tokens_per_episode=gate.max_tokens_per_episode, evaluate=evaluate,
-    )
+    try:
+        decision = promote(
+            model_name=gate.model_name, env=gate.env, seeds=seeds, margin_se=gate.margin_se,
+            max_tokens_per_episode=gate.max_tokens_per_episode, evaluate=evaluate,
+        )
+        record = decision.record()
+    except NoCandidate as err:
+        decision, record = None, {"outcome": "no_candidate", "promoted": False, "model_name": gate.model_name,
+                                  "reason": str(err), "seeds": seeds}
     path = Path(record_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(decision.record(), indent=2) + "\n")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
     return decision
