@@ -628,7 +628,8 @@ class CrafterExpert:
             return None
         if urgent:
             self._drinking = True
-        return found[0], SubGoal("drink", f"drink from the water {self._offset(found[1])}", f"my drink is {drink}/9")
+        why = f"my drink is {drink}/9" if drink < 8 else "drinking is an achievement and keeps me going"
+        return found[0], SubGoal("drink", f"drink from the water {self._offset(found[1])}", why)
 
     def _eat(self) -> tuple[str, SubGoal] | None:
         food = self.status["food"]
@@ -658,7 +659,8 @@ class CrafterExpert:
             return None
         if urgent:
             self._eating = True
-        return found[0], SubGoal("eat", f"hunt and eat the cow {self._offset(found[1])}", f"my food is {food}/9")
+        why = f"my food is {food}/9" if food < 8 else "eating a cow is an achievement and fills me up for later"
+        return found[0], SubGoal("eat", f"hunt and eat the cow {self._offset(found[1])}", why)
 
     def _look_for_cows(self) -> tuple[str, SubGoal]:
         """Cows roam the grass: walk to grass not looked at for a while, else explore."""
@@ -784,7 +786,8 @@ class CrafterExpert:
     def _craft(self, tool: str, why: str) -> tuple[str, SubGoal]:
         action = "Make " + tool.replace("_", " ").title()
         needs_furnace = "furnace" in crafter.constants.make[tool]["nearby"]
-        text = f"craft a {tool.replace('_', ' ')}"
+        name = tool.replace("_", " ")
+        text = f"craft {'an' if name[0] in 'aeiou' else 'a'} {name}"
         if self._near(TABLE) and (not needs_furnace or self._near(FURNACE)):
             return action, SubGoal(f"make_{tool}", text + " at the table next to me", why)
         tables = self.map.cells[TABLE]

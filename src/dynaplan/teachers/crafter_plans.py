@@ -73,7 +73,7 @@ def _style_goal_reason(goals, inventory, vitals):
 
 
 def _style_inventory_driven(goals, inventory, vitals):
-    return f"Looking at my items ({inventory}), {goals[0].why}, so I should {goals[0].text}." + (
+    return f"{_cap(inventory)}; {goals[0].why}, so I should {goals[0].text}." + (
         f" Once that is done I can {_join([g.text for g in goals[1:]])}." if len(goals) > 1 else ""
     )
 
@@ -104,7 +104,7 @@ def _style_imperative(goals, inventory, vitals):
 
 
 def _style_vitals_first(goals, inventory, vitals):
-    return f"I am at {vitals} and carry {inventory}. Immediate step: {goals[0].text}." + (
+    return f"I am at {vitals}. {_cap(inventory)}. Immediate step: {goals[0].text}." + (
         f" Following steps: {_join([g.text for g in goals[1:]], 'then')}." if len(goals) > 1 else ""
     )
 
