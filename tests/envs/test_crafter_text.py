@@ -239,7 +239,7 @@ class SurvivalPolicy:
         front = view[3 + facing[1]][4 + facing[0]]
         phase = info["step"] % 300  # crafter's day: night (daylight < 0.5) is phases 148..272
         if self.sealed:
-            if phase >= 275 or phase < 100:  # morning: break the seal and go out
+            if phase >= 290 or phase < 100:  # morning: break the seal and go out
                 self.sealed = False
                 return "Do"
             return "Sleep" if status["energy"] < 9 else "Noop"
@@ -262,7 +262,7 @@ class SurvivalPolicy:
         if inventory["wood_pickaxe"] and 100 <= phase < 270:
             # Drink and eat up before the night, then dig in.
             for target, level in (("water", status["drink"]), ("cow", status["food"])):
-                if level < 8 and phase < 125:
+                if level < 9 and phase < 130:
                     move = self._toward(target, (x, y), facing, max_distance=20)
                     if move:
                         return move
@@ -423,11 +423,11 @@ def digests_in_subprocess(runs: list[tuple[int, str]], steps: int = 1000) -> lis
 
 
 def test_scripted_episodes_are_identical_when_replayed_in_one_process():
-    # The scripted player dies after a few hundred steps (hunger, thirst or zombies at dawn);
-    # whole episodes, with dozens of despawn rounds and a night each.
-    for seed in (3, 8):
+    # The scripted player does not always see step 1,000 (it starves or dies in the open on
+    # some seeds): these whole episodes hold 80 despawn rounds and two nights each.
+    for seed in (1, 2):
         first = reference_digest(seed)
-        assert first[1] >= 450, f"seed {seed}: episode too short to cover despawning and a night"
+        assert first[1] >= 800, f"seed {seed}: episode too short to cover despawning and a night"
         assert trajectory_digest(seed, 1000) == first
 
 
@@ -442,8 +442,9 @@ def expert_survivor() -> tuple[int, str]:
 
 
 def test_scripted_episode_is_identical_in_another_process():
-    digest, _ = reference_digest(3)
-    assert digests_in_subprocess([(3, "scripted")]) == [digest]
+    digest, length = reference_digest(4)
+    assert length >= 600
+    assert digests_in_subprocess([(4, "scripted")]) == [digest]
 
 
 # The expert runs are the long ones (1,000 steps of a planner, several seeds searched).
