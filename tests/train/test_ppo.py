@@ -110,11 +110,14 @@ def test_bad_settings_are_config_errors():
 
 # --------------------------------------------------------------------------- with the tiny model
 
-def _params(env: str = "crafter", **ppo):
+SMALL_POGS = {"num_nodes": 4, "k": 2, "max_steps": 4, "hard": False, "min_backtracks": 0}
+
+
+def _params(**ppo):
     from dynaplan.config import parse_params
 
-    base = {"iterations": 1, "num_envs": 2, "episodes_per_iteration": 2, "max_steps": 2, "minibatch_size": 8, "env": env}
-    return parse_params({"ppo": {**base, **ppo}, "prompt": {"max_new_tokens": 6, "history_len": 1}})
+    base = {"iterations": 1, "num_envs": 2, "episodes_per_iteration": 2, "max_steps": 2, "minibatch_size": 8, "env": "pogs"}
+    return parse_params({"ppo": {**base, **ppo}, "envs": {"pogs": SMALL_POGS}, "prompt": {"max_new_tokens": 6, "history_len": 1}})
 
 
 def _sft_like_adapter(model_dir, out_dir, seed=1):
@@ -141,13 +144,13 @@ def test_recomputed_logprobs_match_the_rollout_before_any_update(tiny_model_dir)
     from dynaplan.train.rollout import run_episodes
 
     params = _params()
-    env = make_env("crafter")
+    env = make_env("pogs", **SMALL_POGS)
     model, tokenizer = load_policy_model(tiny_model_dir, ABLATIONS["base"], None, params.ppo)
     backend = SharedHFRollouts(model, tokenizer)
-    policy = LLMPolicy(backend, action_names=env.action_names, default_action=env.default_action, rules=env.rules,
+    policy = LLMPolicy(backend, action_names=env.action_names, default_action=lambda info: str(info["current_node"]), rules=env.rules,
                        history_len=1, sampling=SamplingParams(temperature=1.0, max_new_tokens=6), seed=3)
     with torch.no_grad():
-        episodes = run_episodes(policy, "crafter", {}, [0, 1], num_envs=2, max_steps=2, progress=False)
+        episodes = run_episodes(policy, "pogs", SMALL_POGS, [0, 1], num_envs=2, max_steps=2, progress=False)
         turns = collect_turns(episodes)
         logp, _, mask, _ = turn_forward(model, ValueHead(64), turns.prompt_token_ids, turns.token_ids, temperature=1.0,
                                         pad_id=tokenizer.pad_token_id)
@@ -188,7 +191,10 @@ def _adapter_weights(folder):
     return load_file(folder / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_stage_registers_each_checkpoint_as_a_ppo_version_and_exports_the_adapter(tracked, tiny_model_dir):
+    """The whole `ppo@base` stage on a SQLite MLflow store: a run with per-iteration metrics and
+    each checkpoint logged as a pyfunc model and registered (about a minute: MLflow loads each)."""
     import mlflow
 
     from dynaplan import tracking

@@ -325,6 +325,8 @@ def load_policy_model(base_dir: Path, ablation: Ablation, sft_adapter: Path | No
         model = get_peft_model(model, config, adapter_name=POLICY)
     # Dropout off for good: the update must see the same function that sampled the tokens.
     model.eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
     return model, tokenizer
 
 
@@ -433,9 +435,11 @@ def update(model, value_head: ValueHead, optimizer, turns: Turns, args: PpoParam
     # ---- old values, reference log-probs (adapter switch, no second model), rewards, GAE
     t1 = time.perf_counter()
     n = len(turns)
+    device = next(value_head.parameters()).device
     gen_len = max(1, max(len(c) for c in turns.token_ids))
-    oldlogprob = padded(turns.logprobs, gen_len)
-    oldvalues, reflogprob, recomputed = torch.zeros(n), torch.zeros(n, gen_len), torch.zeros(n, gen_len)
+    oldlogprob = padded(turns.logprobs, gen_len).to(device)
+    oldvalues = torch.zeros(n, device=device)
+    reflogprob, recomputed = torch.zeros(n, gen_len, device=device), torch.zeros(n, gen_len, device=device)
     with torch.no_grad():
         for lo in range(0, n, args.minibatch_size):
             idx = list(range(lo, min(n, lo + args.minibatch_size)))
@@ -452,8 +456,9 @@ def update(model, value_head: ValueHead, optimizer, turns: Turns, args: PpoParam
         turns.env_rewards, turns.plan_tokens, turns.planned,
         reward_scale=args.reward_scale, plan_cost=args.plan_cost, plan_penalty=args.plan_penalty,
     )
-    advantages, returns = compute_gae(rewards, oldvalues.numpy(), turns.dones, gamma=args.gamma, gae_lambda=args.gae_lambda)
-    advantages_t, returns_t = torch.tensor(advantages, dtype=torch.float32), torch.tensor(returns, dtype=torch.float32)
+    advantages, returns = compute_gae(rewards, oldvalues.cpu().numpy(), turns.dones, gamma=args.gamma, gae_lambda=args.gae_lambda)
+    advantages_t = torch.tensor(advantages, dtype=torch.float32, device=device)
+    returns_t = torch.tensor(returns, dtype=torch.float32, device=device)
     t_score = time.perf_counter() - t1
 
     # ---- update: epochs of shuffled minibatches over turns
@@ -477,7 +482,7 @@ def update(model, value_head: ValueHead, optimizer, turns: Turns, args: PpoParam
             pg_loss, clipfrac, approx_kl, _ = policy_loss(newlogprob, mb_old, mb_adv, mask, args.clip_coef)
             v_loss = value_loss(newvalue, oldvalues[mb], returns_t[mb], args.clip_coef)
             entropy_loss = masked_turn_mean(entropy, mask)
-            kl = kl_to_reference(newlogprob, mb_ref, mask) if args.kl_coef > 0 else torch.zeros(())
+            kl = kl_to_reference(newlogprob, mb_ref, mask) if args.kl_coef > 0 else torch.zeros((), device=device)
             loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss + args.kl_coef * kl
             if not torch.isfinite(loss):
                 raise PpoDivergence(
@@ -503,7 +508,7 @@ def update(model, value_head: ValueHead, optimizer, turns: Turns, args: PpoParam
         "losses/kl_ref": float(np.mean(stats["kl"])),
         "losses/approx_kl": float(np.mean(stats["approx_kl"])),
         "losses/clipfrac": float(np.mean(clipfracs)),
-        "losses/explained_variance": explained_variance(oldvalues.numpy(), returns),
+        "losses/explained_variance": explained_variance(oldvalues.cpu().numpy(), returns),
         "rollout/logprob_max_abs_diff": float((recomputed - oldlogprob).abs().max()),
         "perf/score_s": t_score,
         "perf/update_s": t_update,
@@ -566,7 +571,7 @@ def train(
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     model, tokenizer = load_policy_model(base_dir, ablation, sft_adapter, args)
-    value_head = ValueHead(model.get_base_model().config.hidden_size)
+    value_head = ValueHead(model.get_base_model().config.hidden_size).to(next(model.parameters()).device)
     optimizer = torch.optim.Adam(
         [
             {"params": [p for p in model.parameters() if p.requires_grad], "lr": args.learning_rate},
@@ -586,7 +591,7 @@ def train(
             shutil.rmtree(ckpt_root)  # other settings: these checkpoints are not this run's past
             latest = None
     checkpoint = latest
-    backend = make_rollout_backend(args, model, tokenizer)
+    backend = make_rollout_backend(args, model, tokenizer, base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = SamplingParams(temperature=args.temperature, top_p=1.0, max_new_tokens=params.prompt.max_new_tokens)
 
@@ -785,10 +790,10 @@ class SharedHFRollouts:
         return getattr(self.backend, name)
 
 
-def make_rollout_backend(args: PpoParams, model, tokenizer):
+def make_rollout_backend(args: PpoParams, model, tokenizer, base_dir: Path):
     if args.rollout_backend == "hf":
         return SharedHFRollouts(model, tokenizer)
-    return ServedLoraRollouts(args, tokenizer)
+    return ServedLoraRollouts(args, tokenizer, base_dir)
 
 
 class ServedLoraRollouts:
@@ -796,8 +801,8 @@ class ServedLoraRollouts:
     (a new LoRARequest per iteration) or through `vllm serve --enable-lora`'s runtime adapter API
     (`POST /v1/load_lora_adapter`; the server needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)."""
 
-    def __init__(self, args: PpoParams, tokenizer):
-        self.args, self.tokenizer, self.backend, self.loaded = args, tokenizer, None, None
+    def __init__(self, args: PpoParams, tokenizer, base_dir: Path):
+        self.args, self.tokenizer, self.base_dir, self.backend, self.loaded = args, tokenizer, base_dir, None, None
 
     def sync(self, model, out_dir: Path, iteration: int) -> None:
         name = f"ppo-iter-{iteration:06d}"
@@ -817,12 +822,13 @@ class ServedLoraRollouts:
                 httpx.post(f"{base}/unload_lora_adapter", json={"lora_name": self.loaded}, timeout=120)
             from dynaplan.models.openai import OpenAIBackend
 
-            self.backend = OpenAIBackend(base_url=base, model=name)
+            self.backend = OpenAIBackend(base, name, tokenizer=self.tokenizer)
         else:
             from dynaplan.models.vllm import VLLMBackend
 
             if self.backend is None:
-                self.backend = VLLMBackend(lora_path=str(adapter_dir))
+                # The trainer shares the GPU: leave it room for the policy, its grads and Adam.
+                self.backend = VLLMBackend(str(self.base_dir), str(adapter_dir), gpu_memory_utilization=0.4)
             else:
                 self.backend.set_lora(str(adapter_dir))
         self.loaded = name
@@ -831,6 +837,6 @@ class ServedLoraRollouts:
         pass
 
     def __getattr__(self, name):
-        if name in ("backend", "args", "tokenizer", "loaded"):
+        if name in ("backend", "args", "tokenizer", "loaded", "base_dir"):
             raise AttributeError(name)
         return getattr(self.backend, name)
