@@ -36,6 +36,65 @@ def params_check(params: Path = typer.Option(Path("params.yaml"), help="params f
     console.print(f"[green]ok[/]: {params} is valid")
 
 
+@app.command("generate")
+def generate_cmd(
+    out: Path = typer.Option(Path("data/teacher"), help="dataset folder (the generate stage's output)"),
+    workers: int = typer.Option(None, help="worker processes (default: generate.workers)"),
+    tokenizer: Path = typer.Option(None, help="tokenizer folder (default: model.dir)"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+) -> None:
+    """Teacher rollouts to Parquet shards, as the DVC stage does; resumes a killed run."""
+    from dynaplan.data.generation import generate_dataset
+
+    try:
+        loaded = load_params(params)
+    except ConfigError as err:
+        fail_usage(str(err))
+    if workers is not None and workers < 1:
+        fail_usage(f"--workers must be >= 1, got {workers}")
+    try:
+        result = generate_dataset(loaded, out, tokenizer_dir=tokenizer, workers=workers)
+    except FileNotFoundError as err:
+        fail_usage(str(err))
+    manifest = result.manifest
+    console.print(
+        f"[green]generated[/] {manifest['rows']} steps, {manifest['episodes']} episodes in {out} "
+        f"({result.reused_shards} shards kept); digest {manifest['digest'][:16]}"
+    )
+
+
+@app.command("validate")
+def validate_cmd(
+    data: Path = typer.Option(Path("data/teacher"), help="dataset folder to check"),
+    docs: Path = typer.Option(None, help="write Great Expectations Data Docs (HTML) here"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+) -> None:
+    """Run the Great Expectations suite over a dataset; exit 1 naming each failed expectation."""
+    from rich.table import Table
+
+    from dynaplan.data.dataset import read_table
+    from dynaplan.data.expectations import chat_token_counter, env_action_sets, validate_dataset
+
+    try:
+        loaded = load_params(params)
+        table = read_table(data)
+    except (ConfigError, FileNotFoundError) as err:
+        fail_usage(str(err))
+    envs = sorted(set(table["env"].to_pylist()))
+    report = validate_dataset(
+        table, loaded, action_sets=env_action_sets(loaded, envs),
+        count_seq_tokens=chat_token_counter(loaded.model.dir), docs_dir=docs,
+    )
+    summary = Table("expectation", "success", "unexpected")
+    for outcome in report.outcomes:
+        summary.add_row(outcome.name, "[green]yes[/]" if outcome.success else "[red]NO[/]", str(outcome.unexpected_count))
+    console.print(summary)
+    if not report.success:
+        err_console.print(report.failure_message())
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/]: {len(report.outcomes)} expectations passed on {report.rows} rows")
+
+
 @app.command("play")
 def play_cmd(
     env: str = typer.Option("crafter", help="crafter or pogs"),
