@@ -121,6 +121,7 @@ def test_stage_runs_are_tracked_with_the_dvc_hashes_of_their_deps(project):
     assert [i.dataset.digest for i in run.inputs.dataset_inputs] == [manifest["digest"][:32]]
 
 
+@pytest.mark.slow  # one more generate + validate run (about a minute on an idle machine)
 def test_exp_run_with_a_param_override_reruns_generate_and_keeps_unchanged_shards(project):
     root, env, _, _ = project
     shards_before = {p.name for p in (root / "data/teacher").glob("*.parquet")}
