@@ -153,6 +153,11 @@ def fingerprint(spec: EvalSpec) -> str:
     for key in ("name", "episodes", "best_of", "num_envs"):
         fields.pop(key)
     fields["code"] = _code_digest()
+    if spec.model and spec.model.startswith(REGISTRY_PREFIX):
+        from dynaplan import tracking
+
+        # An alias can move to another version: the episodes belong to the version it names now.
+        fields["model_version"] = tracking.resolve_version(normalise_model_uri(spec.model))
     fields["model_stamp"] = _dir_stamp(spec.model)
     fields["adapter_stamp"] = _dir_stamp(spec.adapter)
     if spec.plans and Path(spec.plans).is_file():
@@ -165,20 +170,25 @@ def fingerprint(spec: EvalSpec) -> str:
 # Policies
 
 
+def normalise_model_uri(model: str) -> str:
+    """`models:/dynaplan-agent/@champion` (as people write it) -> MLflow's `models:/dynaplan-agent@champion`."""
+    return model.replace("/@", "@") if model.startswith(REGISTRY_PREFIX) else model
+
+
 def resolve_model(model: str) -> tuple[str, str | None, dict]:
-    """A model dir stays as it is; `models:/dynaplan-agent/<v|@alias>` is resolved through the
-    registry (dynaplan.tracking) to (base dir, adapter dir, registry info)."""
+    """A model dir stays as it is; `models:/dynaplan-agent/<version>` or `...@<alias>` is
+    resolved through the registry (dynaplan.tracking.load_agent) to (base dir, adapter dir,
+    {"name", "version"})."""
     if not model.startswith(REGISTRY_PREFIX):
         if not Path(model).is_dir():
             raise FileNotFoundError(f"model directory not found: {model}")
         return model, None, {}
     from dynaplan import tracking
 
-    resolver = getattr(tracking, "resolve_agent", None)
-    if resolver is None:
-        raise RuntimeError(f"cannot resolve {model}: dynaplan.tracking has no registry resolver yet")
-    resolved = resolver(model)
-    return resolved["model"], resolved.get("adapter"), resolved
+    uri = normalise_model_uri(model)
+    base, adapter = tracking.load_agent(uri)
+    name = uri.removeprefix(REGISTRY_PREFIX).split("@", 1)[0].split("/", 1)[0]
+    return str(base), str(adapter), {"name": name, "version": tracking.resolve_version(uri)}
 
 
 def _token_counter(tokenizer_dir: str | None) -> Callable[[str], int] | None:
@@ -579,14 +589,9 @@ def evaluate(spec: EvalSpec, out_dir: str | os.PathLike[str] | None = None,
 
 
 def record_on_version(spec: EvalSpec, scalars: Mapping[str, float]) -> None:
-    """Put an evaluation's numbers on the registered model version it evaluated."""
+    """Put an evaluation's numbers on the registered model version it evaluated
+    (tags `eval.<evaluation name>.<metric>`, via dynaplan.tracking.set_version_metrics)."""
     from dynaplan import tracking
 
     _, _, resolved = resolve_model(spec.model)
-    version = resolved.get("version")
-    name = resolved.get("name", "dynaplan-agent")
-    if version is None:
-        raise RuntimeError(f"the registry resolver gave no version for {spec.model}")
-    prefix = f"dynaplan.eval.{spec.name}."
-    keep = ("progression", "progression_se", "crafter_score", "generated_tokens", "plan_tokens", "plan_rate", "invalid_rate", "episodes")
-    tracking.set_version_tags(name, str(version), {prefix + k: f"{scalars[k]:.6g}" for k in keep if k in scalars})
+    tracking.set_version_metrics(resolved["version"], scalars, prefix=f"eval.{spec.name}.", name=resolved["name"])
