@@ -93,7 +93,7 @@ class EvaluateParams(Section):
     episodes: int = Field(2, ge=1, le=100_000, description="held-out seeds per LLM evaluation (seeds.eval_start ..); paper scale: 100")
     baseline_episodes: int = Field(20, ge=1, le=100_000, description="held-out seeds for the scripted expert and random baselines (cheap, full-length episodes)")
     num_envs: int = Field(16, ge=1, le=4096, description="envs stepped in lockstep, one batched generation per step")
-    crafter_max_steps: int = Field(16, ge=1, description="cap on Crafter steps for LLM policies (CPU budget; paper scale: envs.crafter.max_steps)")
+    crafter_max_steps: int = Field(12, ge=1, description="cap on Crafter steps for LLM policies (CPU budget; paper scale: envs.crafter.max_steps)")
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="sampling temperature of LLM policies (0 = greedy)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling of LLM policies")
     max_new_tokens: int = Field(48, ge=1, le=8192, description="cap on the tokens of one answer during evaluation")
@@ -102,6 +102,7 @@ class EvaluateParams(Section):
     k: int = Field(4, ge=1, description="planning interval of every_k")
     intervals: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1, description="fixed planning intervals of the Goldilocks sweep (plus never and dynamic)")
     best_of: int = Field(2, ge=1, le=1000, description="attempts per seed in the best-of-N evaluations")
+    best_of_episodes: int = Field(1, ge=1, le=100_000, description="held-out seeds of the best-of-N evaluations (each played best_of times)")
     plans_file: str = Field("plans/crafter_human.yaml", min_length=1, description="human plans (YAML list of {plan, until}) for the steered best-of-N evaluation")
 
     @model_validator(mode="after")
