@@ -8,12 +8,15 @@ import functools
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from gymnasium.utils.env_checker import check_env
 
 from dynaplan.envs import make_env
@@ -120,6 +123,49 @@ def test_status_then_only_nonzero_inventory_items():
     assert render_observation(make_info()).endswith("You have nothing in your inventory.")
 
 
+TILE_NAMES = ["grass", "sand", "path", "water", "lava", "stone", "tree", "coal", "iron", "diamond",
+              "table", "furnace", "cow", "zombie", "skeleton", "arrow", "plant", "void"]
+
+
+def parse_offset(text: str) -> tuple[int, int]:
+    dx = dy = 0
+    for count, direction in re.findall(r"(\d+) steps? (north|south|west|east)", text):
+        sign = -1 if direction in ("north", "west") else 1
+        if direction in ("north", "south"):
+            dy = sign * int(count)
+        else:
+            dx = sign * int(count)
+    return dx, dy
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    cells=st.lists(st.sampled_from(TILE_NAMES), min_size=63, max_size=63),
+    facing=st.sampled_from(list(MOVES)),
+    sleeping=st.booleans(),
+    health=st.integers(0, 9),
+)
+def test_every_listed_tile_is_where_the_text_says_and_none_is_missing(cells, facing, sleeping, health):
+    view = [cells[row * 9:(row + 1) * 9] for row in range(7)]
+    info = make_info(view, facing=facing, sleeping=sleeping, health=health)
+    text = render_history_text(info, edge_only=())
+    listed = [line[2:] for line in text.splitlines() if line.startswith("- ")]
+    expected = sum(
+        1 for r in range(7) for c in range(9)
+        if (r, c) != (3, 4) and view[r][c] not in ("grass", "sand", "path", "void")
+    )
+    assert len(listed) == expected
+    for line in listed:
+        name, where = line.split(" ", 1)
+        dx, dy = parse_offset(where)
+        assert view[3 + dy][4 + dx] == name
+    front = view[3 + facing[1]][4 + facing[0]]
+    shown = "nothing" if front in ("grass", "sand", "path", "void") else front
+    assert text.endswith(f"You face {shown} at your front.")
+    edge_text = render_history_text(info)  # water and lava: only shore tiles, never more
+    assert len([line for line in edge_text.splitlines() if line.startswith("- ")]) <= len(listed)
+
+
 # ---- the env ----
 
 
@@ -143,6 +189,8 @@ def test_reset_gives_the_contract_info_and_text_from_it(env):
     assert info["step"] == 0 and info["achievements"] == {} and info["progression"] == 0.0
     assert obs == render_observation(info) and obs.startswith(info["history_text"])
     assert env.observation_space.contains(obs)
+    # A recorded info (JSON: tuples become lists) renders to the same text.
+    assert render_observation(json.loads(json.dumps(info))) == obs
 
 
 def test_action_by_name_and_by_index_give_the_same_step(env):
