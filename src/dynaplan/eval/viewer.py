@@ -89,6 +89,8 @@ def _panel_text(step: dict | None, info: dict, t: int, total: int) -> str:
         parts.append(f"plan:\n{_wrap(step.get('current_plan'))}")
     else:
         parts.append("(reset)")
+    if "current_node" in info:
+        parts.append(f"at node {info['current_node']}, target {info.get('target_node')}")
     inventory = info.get("inventory")
     if inventory is not None:
         items = ", ".join(f"{k} {v}" for k, v in inventory.items() if v) or "nothing"
@@ -131,13 +133,12 @@ def _pogs_drawer(info: dict):
         graph = nx.Graph()
         graph.add_edges_from(tuple(e) for e in info.get("visible_edges", []))
         current, target = info.get("current_node"), info.get("target_node")
-        for node in (current, target):
-            if node is not None:
-                graph.add_node(node)
+        if current is not None:
+            graph.add_node(current)  # an unseen target stays off the drawing (the panel names it)
         pos = nx.spring_layout(graph, seed=0)
         colors = ["tab:red" if n == current else "tab:green" if n == target else "tab:gray" for n in graph.nodes]
         nx.draw_networkx(graph, pos=pos, ax=ax, node_color=colors, font_size=7, node_size=220)
-        ax.set_title(f"at {current}, target {target}", fontsize=8)
+        ax.set_title(f"at {current} (red), target {target} (green when visible)", fontsize=8)
 
     return draw
 
