@@ -531,3 +531,18 @@ def test_numba_compiled_world_generation_matches_pure_python():
         run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
         outputs.append(run.stdout)
     assert outputs[0] == outputs[1] and len(outputs[0].split()) == 3
+
+
+def test_rendering_frames_on_demand_leaves_the_world_unchanged():
+    watched, unwatched = CrafterTextEnv(render_mode="rgb_array"), CrafterTextEnv()
+    watched.reset(seed=6)
+    unwatched.reset(seed=6)
+    for step in range(260):  # into the first night, where the renderer draws noise
+        frame = watched.render()
+        assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
+        a = watched.step("Noop")
+        b = unwatched.step("Noop")
+        assert a == b, f"diverged at step {step + 1}"
+        if a[2]:
+            break
+    assert watched.render() is not None and CrafterTextEnv().render() is None
