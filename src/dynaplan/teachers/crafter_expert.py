@@ -70,11 +70,16 @@ class CrafterExpert:
     food_urgent = 4
     drink_urgent = 4
     shelter_max_cost = 40
-    stay_while_zombies = False
+    stay_while_zombies = True
     night_start, night_end = 140, 270  # steps into crafter's 300-step day when zombies crowd
     stay_at_night = False
     spare_wood = 2  # wood kept beyond the remaining tools' needs (a second table)
     wood_detour = 15  # how far a tree may be for a top-up
+    grass_penalty = 4
+    zombie_time_start = 110
+    topup_level = 6  # in safe daylight, eat/drink when at or below this
+    skeleton_flee_health = 0  # at or below: leave the range of visible skeletons (0: never)
+    skeleton_hunt_health = 6  # at or above, with a stone sword: hit skeletons within 4 steps
     skeleton_avoid_radius = 3
     skeleton_avoid_cost = 4
 
@@ -117,6 +122,7 @@ class CrafterExpert:
         self._pending_plant: int | None = None
         self._last_positions: list[int] = []
         self._chase_steps = 0
+        self._avoid_grass = False
         self._danger_step = -1
         self._danger_cells: dict[int, int] = {}
         self.goal = SubGoal("start", "look around", "the game just started")
@@ -182,6 +188,11 @@ class CrafterExpert:
         for code in WALKABLE:
             costs[code] = 1
         costs[TREE] = 3
+        if self._avoid_grass and self._zombie_time():
+            # Zombies spawn on grass whenever the light is low; routes through the mountains
+            # are worth a few extra steps then.
+            costs[GRASS] += self.grass_penalty
+            costs[WALKABLE_GUESS] += self.grass_penalty
         if tunnel:
             for code, tool in MINE_TOOL.items():
                 if self._has(tool):
@@ -398,7 +409,11 @@ class CrafterExpert:
             result = decide()
             if result is not None:
                 return result
-        return self._explore("new places")
+        self._avoid_grass = True
+        try:
+            return self._explore("new places")
+        finally:
+            self._avoid_grass = False
 
     def _fight(self) -> tuple[str, SubGoal] | None:
         creatures = self.map.creatures
@@ -418,6 +433,22 @@ class CrafterExpert:
             if found is not None:
                 self._chase_steps += 1
                 return found[0], SubGoal("fight", f"defeat the {kind} {self._offset(found[1])}", f"defeating a {kind} is an achievement and I am healthy")
+        skeletons = self._creatures("skeleton")
+        if skeletons and self.skeleton_flee_health and health <= self.skeleton_flee_health:
+            danger = self._danger()
+            if self.cell in danger:
+                # Arrows hit for 2: when hurt, step out of every skeleton's range first.
+                path = self.map.search(
+                    self.cell, self._costs(), lambda c: c not in danger, max_cost=20, creature_cost=CREATURE_COST
+                )
+                if path is not None and len(path) > 1:
+                    return self._step_along(path), SubGoal(
+                        "flee", f"back away from the skeleton toward {self._offset(path[-1])}", f"my health is {health}/9 and skeletons shoot arrows"
+                    )
+        if skeletons and health >= self.skeleton_hunt_health and (self._has("stone_sword") or self._has("iron_sword")):
+            found = self._interact(skeletons, max_cost=4, tunnel=False)
+            if found is not None:
+                return found[0], SubGoal("fight", f"defeat the skeleton {self._offset(found[1])}", "one sword hit kills it before it shoots me again")
         return None
 
     def _sealed(self) -> bool:
@@ -447,6 +478,11 @@ class CrafterExpert:
         if self.status["food"] <= 2:
             return self._eat()
         return None
+
+    def _zombie_time(self) -> bool:
+        # crafter keeps >= 1 zombie per grassy chunk while daylight < 0.83: from about 110 steps
+        # into each 300-step day to its end (env._balance_chunk, env._update_time).
+        return self.t % 300 >= self.zombie_time_start
 
     def _is_night(self) -> bool:
         # The agent counts its own steps; crafter's daylight has a 300-step period and is darkest
@@ -613,6 +649,8 @@ class CrafterExpert:
             max_cost = 400
         elif self._zombies_within(6):
             return None  # a top-up is not worth a zombie fight
+        elif drink <= self.topup_level and not self._zombie_time():
+            max_cost = 40
         elif drink <= 6:
             max_cost = 30
         elif "collect_drink" not in self.achieved:
@@ -646,6 +684,8 @@ class CrafterExpert:
             max_cost = 400
         elif self._zombies_within(6):
             return None  # a snack is not worth a zombie fight
+        elif food <= self.topup_level and not self._zombie_time():
+            max_cost = 40
         elif food <= 7:
             max_cost = 25
         elif "eat_cow" not in self.achieved:
@@ -674,6 +714,13 @@ class CrafterExpert:
 
     # ------------------------------------------------------------------ the tech tree
     def _progress(self) -> tuple[str, SubGoal] | None:
+        self._avoid_grass = True
+        try:
+            return self._progress_step()
+        finally:
+            self._avoid_grass = False
+
+    def _progress_step(self) -> tuple[str, SubGoal] | None:
         inv = self.inv
         done = self.achieved
         wood = inv.get("wood", 0)
