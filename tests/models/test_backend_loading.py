@@ -36,3 +36,13 @@ def test_load_backend_dispatch(tiny_model_dir):
         load_backend("llamacpp")
     with pytest.raises(ValueError, match="tokenizer"):
         load_backend("openai", base_url="http://127.0.0.1:9/v1", model="some-remote-name")
+
+
+def test_serve_rejects_a_missing_model_dir_with_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from dynaplan.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "nope"), "--port", "9"])
+    assert result.exit_code == 2
+    assert "config.json" in result.output
