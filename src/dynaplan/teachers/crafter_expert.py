@@ -77,7 +77,8 @@ class CrafterExpert:
     wood_detour = 15  # how far a tree may be for a top-up
     grass_penalty = 4
     zombie_time_start = 110
-    topup_level = 6  # in safe daylight, eat/drink when at or below this
+    topup_level = 6
+    stock_up_level = 0  # in safe daylight, go and find food/water at or below this (0: never)  # in safe daylight, eat/drink when at or below this
     skeleton_flee_health = 0  # at or below: leave the range of visible skeletons (0: never)
     skeleton_hunt_health = 6  # at or above, with a stone sword: hit skeletons within 4 steps
     skeleton_avoid_radius = 3
@@ -644,7 +645,9 @@ class CrafterExpert:
             if drink <= 3:
                 return self._explore("water")
             return None
-        urgent = drink <= self.drink_urgent or self._drinking
+        # Stock up while the light is safe, so the dark hours need no trip across the grass.
+        stock_up = self.stock_up_level and not self._zombie_time() and drink <= self.stock_up_level
+        urgent = drink <= self.drink_urgent or self._drinking or stock_up
         if urgent:
             max_cost = 400
         elif self._zombies_within(6):
@@ -661,7 +664,7 @@ class CrafterExpert:
             return None
         found = self._interact(water, max_cost=max_cost)
         if found is None:
-            if drink <= self.drink_urgent:
+            if drink <= self.drink_urgent or stock_up:
                 return self._explore("water")
             return None
         if urgent:
@@ -679,7 +682,8 @@ class CrafterExpert:
             if found is not None:
                 return found[0], SubGoal("eat_plant", f"eat the ripe plant {self._offset(found[1])}", "the sapling I planted has grown")
         cows = self._creatures("cow") | set(self.map.cow_memory)
-        urgent = food <= self.food_urgent or self._eating
+        stock_up = self.stock_up_level and not self._zombie_time() and food <= self.stock_up_level
+        urgent = food <= self.food_urgent or self._eating or stock_up
         if urgent:
             max_cost = 400
         elif self._zombies_within(6):
@@ -694,7 +698,7 @@ class CrafterExpert:
             return None
         found = self._interact(cows, max_cost=max_cost) if cows else None
         if found is None:
-            if food <= self.food_urgent:
+            if food <= self.food_urgent or stock_up:
                 return self._look_for_cows()
             return None
         if urgent:
