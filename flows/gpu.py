@@ -53,23 +53,20 @@ def run_stages_here(
     *,
     pipeline_run_id: str | None,
 ) -> list[dict[str, Any]]:
-    """`dvc repro --pull` each stage and what it needs in this working copy; every stage DVC
-    touched is reported once."""
+    """`dvc repro --pull --single-item` each stage and what it needs in this working copy."""
     pool = current_pool()
     extra = {ws_lib.PIPELINE_RUN_ENV: pipeline_run_id} if pipeline_run_id else {}
-    outcomes: dict[str, dict[str, Any]] = {}
-    for stage in stages:
+    outcomes: list[dict[str, Any]] = []
+    # upstream first, one stage at a time: each is checked out (its lock entry came from the
+    # caller or the pool) before the next one's deps are compared with pooled entries
+    for stage in ws_lib.stages_to_run(ws_lib.stage_graph(workspace.path), stages):
         started = time.monotonic()
         ws_lib.seed_lock_from_pool(workspace, stage)
-        touched = ws_lib.repro(workspace, stage, upstream=True, extra_env=extra)
-        for name in touched:
-            ws_lib.remember_lock(workspace, name)
-        seconds = round(time.monotonic() - started, 2)
-        for name, outcome in touched.items():
-            if name not in outcomes:
-                outcomes[name] = ws_lib.StageOutcome(name, outcome, seconds if name == stage else 0.0, pool).as_dict()
-        outcomes.setdefault(stage, ws_lib.StageOutcome(stage, "unchanged", seconds, pool).as_dict())
-    return list(outcomes.values())
+        touched = ws_lib.repro(workspace, stage, extra_env=extra)
+        ws_lib.remember_lock(workspace, stage)
+        outcome = touched.get(stage, "unchanged")
+        outcomes.append(ws_lib.StageOutcome(stage, outcome, round(time.monotonic() - started, 2), pool).as_dict())
+    return outcomes
 
 
 @flow(name=STAGE_FLOW, log_prints=True)

@@ -1,8 +1,8 @@
 """The `promote` deployment: the registry gate (dynaplan.promotion) in its own working copy, so
 the UI can promote a candidate after checking it against the champion on the same held-out seeds.
 
-It wires the `promote` stage (or `python -m tasks.promote`) and reports; the rule lives in
-dynaplan.promotion.
+It wires `python -m tasks.promote` (the `promote` stage's command) and reports; the rule lives
+in dynaplan.promotion.
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ def promote(
     if candidate is not None:
         tracking.set_alias(model_name, CHALLENGER, str(candidate))
         logger.info("version %s of %s is now the challenger", candidate, model_name)
-    has_stage = "promote" in ws_lib.stage_graph(workspace.path)
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", "promote"] if has_stage else ["python", "-m", "tasks.promote"]
-    proc = ws_lib._run(command, cwd=workspace.path, env=ws_lib.dvc_env(workspace.path), check=False)
+    # The task itself, not `dvc repro promote`: the gate reads the registry, not the training
+    # outputs the DVC stage waits for, so the UI can run it without the whole pipeline's outs.
+    proc = ws_lib._run([sys.executable, "-m", "tasks.promote"], cwd=workspace.path, env=ws_lib.dvc_env(workspace.path), check=False)
     record_path = workspace.path / "reports" / "promote" / "decision.json"
     if proc.returncode != 0 or not record_path.is_file():
         create_markdown_artifact(markdown=f"# promotion refused\n\n```\n{(proc.stdout + proc.stderr)[-3000:]}\n```",
@@ -71,8 +71,9 @@ def promote(
         "mean_difference", "paired_se", "threshold", "margin_se", "candidate_tokens_per_episode", "max_tokens_per_episode")]
     lines = [f"# promotion: {record['outcome']}", "", record["reason"], "", "| number | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows]
-    lines += ["", f"- seeds: {record['seeds'][0]}..{record['seeds'][-1]} ({len(record['seeds'])})",
-              f"- candidate: {version_link(model_name, str(record['candidate_version']))}"]
+    lines += ["", f"- seeds: {record['seeds'][0]}..{record['seeds'][-1]} ({len(record['seeds'])})"]
+    if record.get("candidate_version"):
+        lines.append(f"- candidate: {version_link(model_name, str(record['candidate_version']))}")
     if record.get("champion_version"):
         lines.append(f"- previous champion: {version_link(model_name, str(record['champion_version']))}")
     lines.append(f"- pool: {gpu.current_pool() or '-'}; working copy `{workspace.path}`")

@@ -308,7 +308,8 @@ def stages_to_run(graph: Mapping[str, set[str]], targets: Sequence[str] | None) 
 
 # --- stages DVC's run cache skips ---------------------------------------------------------------
 # DVC's run cache does not cover stages with `persist` outs (generate keeps finished shards across
-# an interrupted run), and a new working copy starts from the committed dvc.lock. So the lock
+# an interrupted run) or uncached plain outs (validate's Data Docs), and a new working copy starts
+# from the committed dvc.lock. So the lock
 # entry of such a stage, plus copies of its small `cache: false` outs (metrics, plots), is kept in
 # a pool beside the shared cache and handed to the next working copy before the stage runs; its
 # cached outs then come out of the cache with `dvc repro --pull`. DVC checks the entry against the
@@ -353,17 +354,23 @@ def stage_outputs(copy: Path, stage: str) -> list[tuple[str, dict[str, Any]]]:
     for kind in ("outs", "metrics", "plots"):
         for item in definition.get(kind) or []:
             if isinstance(item, str):
-                found.append((item, {"cache": kind == "outs"}))
+                found.append((item, {"cache": True, "kind": kind}))
             else:
                 path, options = next(iter(item.items()))
                 options = dict(options or {})
-                options.setdefault("cache", kind == "outs")
+                options.setdefault("cache", True)
+                options["kind"] = kind
                 found.append((path, options))
     return found
 
 
 def skipped_by_run_cache(copy: Path, stage: str) -> bool:
-    return any(options.get("persist") for _, options in stage_outputs(copy, stage))
+    """DVC saves no run-cache entry for a stage with a `persist` out or an uncached plain out
+    (metrics and plots may be uncached); see dvc.stage.Stage.run and dvc.stage.cache._can_hash."""
+    return any(
+        options.get("persist") or (options["kind"] == "outs" and options.get("cache") is False)
+        for _, options in stage_outputs(copy, stage)
+    )
 
 
 def _pool_dir(cache_dir: Path, stage: str) -> Path:
