@@ -173,7 +173,7 @@ class PogsEnv(gymnasium.Env):
         self.action_space = spaces.Discrete(self.num_nodes)
         digits = len(str(self.num_nodes - 1))
         # One line per node, 2(N-1) neighbour entries, the current/target line and feedback.
-        max_chars = self.num_nodes * (24 + digits) + 2 * (self.num_nodes - 1) * (digits + 2) + 64 + digits * 2
+        max_chars = self.num_nodes * (24 + digits) + 2 * (self.num_nodes - 1) * (digits + 2) + 96 + digits * 2
         self.observation_space = spaces.Text(max_length=max_chars, charset=string.printable)
         self.graph: nx.Graph | None = None
         self.current = self.target = self.start = -1
