@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from agent_prompts import crafter_requests
+from agent_prompts import load_or_build
 
 from dynaplan.models.base import SamplingParams
 from dynaplan.models.hf import HFBackend, row_seed
@@ -26,10 +26,12 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--requests", default=None, help="JSON of prompts: read if it exists, else written")
     args = parser.parse_args()
 
-    backend = HFBackend(args.model, dtype=args.dtype)
-    requests = crafter_requests(args.batch)
+    backend = HFBackend(args.model, dtype=args.dtype, device=args.device)
+    requests = load_or_build(args.batch, args.requests)
     sampling = SamplingParams(temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens)
     seeds = [row_seed(args.seed, i) for i in range(len(requests))]
     backend.generate_with_seeds(requests[:2], SamplingParams(max_new_tokens=2), seeds[:2])  # warm-up

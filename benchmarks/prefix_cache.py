@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from agent_prompts import crafter_requests
+from agent_prompts import load_or_build
 
 from dynaplan.models.base import SamplingParams
 from dynaplan.models.hf import HFBackend
@@ -34,11 +34,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--requests", default=None, help="JSON of prompts: read if it exists, else written")
     args = parser.parse_args()
 
-    reuse = HFBackend(args.model, dtype=args.dtype, prefix_cache=True)
+    reuse = HFBackend(args.model, dtype=args.dtype, device=args.device, prefix_cache=True)
     plain = HFBackend.from_model(reuse.model, reuse.tokenizer, prefix_cache=False)
-    requests = crafter_requests(args.batch)
+    requests = load_or_build(args.batch, args.requests)
     prompt_tokens = sum(len(reuse.prompt_token_ids(r)) for r in requests)
     system_tokens = len(reuse._encode(requests[0]).cache_key or ())
     reuse.generate(requests[:1], SamplingParams(temperature=0.0, max_new_tokens=1), seed=0)  # fills the cache
