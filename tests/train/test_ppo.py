@@ -317,3 +317,106 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, t
     with pytest.raises(ppo.PpoDivergence, match="iteration 2.*iter-000001"):
         ppo.train(_params(iterations=3), "base", base_dir=tiny_model_dir, sft_adapter=None, checkpoint_dir=tmp_path, progress=False)
     assert ppo.latest_checkpoint(tmp_path).name == "iter-000001"
+
+
+# --------------------------------------------------------------------------- learning (slow)
+
+# One-step POGS on two nodes: the right answer is the target node, written in the observation.
+LEARN_POGS = {"num_nodes": 2, "k": 2, "max_steps": 1, "hard": False, "min_backtracks": 0}
+
+
+def _primed_model(model_dir, out_dir, *, plan_share: float, unsure_share: float, steps: int = 200, seed: int = 0):
+    """SFT priming in miniature, so the tiny random model speaks the output protocol: answers are a
+    uniformly random node id (not the target: nothing to copy from), with a plan before it in
+    `plan_share` of the examples, or an unparseable "I am not sure." in `unsure_share` of them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dynaplan.agent.prompts import build_messages
+    from dynaplan.envs import make_env
+    from dynaplan.train.ppo import ValueHead, turn_forward
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+    env = make_env("pogs", **LEARN_POGS)
+    rng = np.random.default_rng(seed)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    examples = []
+    for s in range(200):
+        observation, _ = env.reset(seed=50_000 + s)
+        messages = build_messages(rules=env.rules, mode="dynamic", observation=observation, history_len=0)
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        action = str(rng.integers(LEARN_POGS["num_nodes"]))
+        draw = rng.random()
+        if draw < unsure_share:
+            text = "I am not sure."
+        elif draw < unsure_share + plan_share:
+            text = f"<plan>\nMove to node {action} and look for the target there.\n</plan>\n{action}"
+        else:
+            text = action
+        examples.append((list(prompt), tokenizer.encode(text, add_special_tokens=False) + [end]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    value_head = ValueHead(model.config.hidden_size).to(device)
+    for _ in range(steps):
+        batch = [examples[i] for i in rng.integers(len(examples), size=8)]
+        logp, _, mask, _ = turn_forward(model, value_head, [b[0] for b in batch], [b[1] for b in batch], temperature=1.0,
+                                        pad_id=tokenizer.pad_token_id)
+        loss = -(logp * mask).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.to("cpu").eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _learning_params(max_new_tokens=24, **ppo):
+    from dynaplan.config import parse_params
+
+    base = {"env": "pogs", "iterations": 30, "num_envs": 64, "episodes_per_iteration": 64, "max_steps": 1,
+            "learning_rate": 3e-3, "kl_coef": 0.05, "ent_coef": 0.0, "minibatch_size": 16, "update_epochs": 2, "plan_cost": 0.0}
+    return parse_params({"envs": {"pogs": LEARN_POGS}, "prompt": {"max_new_tokens": max_new_tokens, "history_len": 0}, "ppo": {**base, **ppo}})
+
+
+def learning_curve(model_dir, work_dir, unsure_share=0.8, **settings):
+    from dynaplan.train import ppo
+
+    primed = _primed_model(model_dir, work_dir / "primed-unsure", plan_share=0.0, unsure_share=unsure_share)
+    result = ppo.train(_learning_params(**settings), "base", base_dir=primed, sft_adapter=None, checkpoint_dir=work_dir / "learn", progress=False)
+    return [row["episode/return"] for row in result.history]
+
+
+def plan_cost_curves(model_dir, work_dir, high_cost=0.05, **settings):
+    from dynaplan.train import ppo
+
+    primed = _primed_model(model_dir, work_dir / "primed-plans", plan_share=0.5, unsure_share=0.0, steps=300)
+    curves = {}
+    for cost in (0.0, high_cost):
+        result = ppo.train(_learning_params(**{"iterations": 20, **settings, "plan_cost": cost}), "base", base_dir=primed, sft_adapter=None,
+                           checkpoint_dir=work_dir / f"cost-{cost}", progress=False)
+        curves[cost] = [row["episode/plan_tokens"] for row in result.history]
+    return curves
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_return_of_a_primed_tiny_model_on_one_step_pogs(tmp_path, tiny_model_dir):
+    """Primed to answer "I am not sure." 80% of the time (an invalid move, -1) and a random node
+    otherwise, the policy starts near a return of 13 (success pays 100). Within 30 iterations of
+    64 one-step episodes PPO must lift the mean of the last 5 iterations 10 points above the mean
+    of the first 2 (H100 run: 13.2, 14.8 -> 30.6 last 5; about 8 min on 2 CPU cores)."""
+    returns = learning_curve(tiny_model_dir, tmp_path)
+    start, end = np.mean(returns[:2]), np.mean(returns[-5:])
+    assert end >= start + 10, returns
+
+
+@pytest.mark.slow
+def test_a_high_plan_cost_halves_the_plan_tokens_per_episode(tmp_path, tiny_model_dir):
+    """Same primed model (plans in half its answers), seeds and 30 iterations; plan_cost 0.1 per
+    plan token against 0, with a KL pull (0.5) to the primed policy as to the SFT policy: at the
+    end (mean of the last 5 iterations) at least 50% fewer plan tokens per episode
+    (H100 run: 4.19 at cost 0 vs 1.18 at cost 0.1)."""
+    curves = plan_cost_curves(tiny_model_dir, tmp_path, high_cost=0.1, max_new_tokens=40, kl_coef=0.5, iterations=30)
+    free, charged = np.mean(curves[0.0][-5:]), np.mean(curves[0.1][-5:])
+    assert free > 1.0, curves  # without a price the agent still plans
+    assert charged <= 0.5 * free, curves
