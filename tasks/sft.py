@@ -12,7 +12,7 @@ from pathlib import Path
 from dynaplan.config import EXIT_USAGE, ConfigError, load_params
 
 DATA_DIR = Path("data/teacher")
-REPORT = Path("reports/validate.json")
+REPORT = Path("reports/validate/summary.json")
 
 
 def paths_for(variant: str, data_dir: Path = DATA_DIR, report: Path = REPORT, base_dir: Path | None = None):

@@ -78,6 +78,6 @@ def write_teacher_dataset(root: Path, episodes: int = 4, steps: int = 6, validat
     for env in ("crafter", "pogs"):
         for episode in range(episodes):
             write_shard(to_table(teacher_rows(env, episode, steps)), data_dir / f"{env}-{episode:03d}.parquet")
-    report = root / "reports" / "validate.json"
+    report = root / "reports" / "validate" / "summary.json"
     write_json_atomic({"success": validated, "rows": 2 * episodes * steps}, report)
     return data_dir, report

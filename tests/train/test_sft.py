@@ -43,7 +43,7 @@ def _paths(root: Path, base_dir: Path, variant: str = "dynamic"):
 
     return SftPaths(
         data_dir=root / "data" / "teacher",
-        report=root / "reports" / "validate.json",
+        report=root / "reports" / "validate" / "summary.json",
         base_dir=base_dir,
         out_dir=root / "models" / f"sft-{variant}",
         checkpoint_dir=root / "checkpoints" / f"sft-{variant}",
@@ -137,7 +137,7 @@ def test_missing_or_failed_validation_report_stops_before_training(tmp_path, tin
     write_teacher_dataset(tmp_path, episodes=2, steps=3, validated=False)
     with pytest.raises(SftInputError, match="failed validation"):
         run_sft(params, "dynamic", _paths(tmp_path, tiny_model_dir))
-    (tmp_path / "reports" / "validate.json").unlink()
+    (tmp_path / "reports" / "validate" / "summary.json").unlink()
     with pytest.raises(SftInputError, match="dvc repro validate"):
         run_sft(params, "dynamic", _paths(tmp_path, tiny_model_dir))
     assert not (tmp_path / "checkpoints").exists()

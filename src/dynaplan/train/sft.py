@@ -115,7 +115,6 @@ def run_fingerprint(params: Params, variant: str, dataset_digest: str, base_fp: 
     data = {
         "variant": variant,
         "sft": params.sft.model_dump(mode="json"),
-        "prompt": params.prompt.model_dump(mode="json"),
         "dataset": dataset_digest,
         "base": base_fp,
     }
@@ -196,6 +195,8 @@ def make_config(params: Params, output_dir: Path, has_eval: bool):
         max_length=None if sft.padding_free else sft.max_seq_len,
         bf16=sft.bf16,
         fp16=False,
+        # transformers refuses bf16 off-GPU unless told the CPU is meant (it then uses CPU autocast).
+        use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=sft.gradient_checkpointing,
         save_strategy="steps",
         save_steps=sft.save_steps,
@@ -210,25 +211,32 @@ def make_config(params: Params, output_dir: Path, has_eval: bool):
     )
 
 
-def make_lora_config(params: Params):
+def make_lora_config(params: Params, num_layers: int | None = None):
     from peft import LoraConfig
 
     lora = params.sft.lora
+    layers = None
+    if lora.top_layers and num_layers:
+        # Only the last layers: nothing below them needs a gradient, so backward stops there.
+        layers = list(range(max(0, num_layers - lora.top_layers), num_layers))
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
+        layers_to_transform=layers,
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
-def load_base(base_dir: Path, dtype: str = "float32"):
+def load_base(base_dir: Path, dtype: str = "float32", attn_implementation: str = "sdpa"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+    )
     return model, tokenizer
 
 
@@ -335,11 +343,15 @@ def run_sft(
     # 1. Inputs: validated data, a base model, examples that fit.
     data = data or load_data(params, variant, paths)
     base_fp = base_fingerprint(paths.base_dir)
-    model, tokenizer = load_base(paths.base_dir)
+    model, tokenizer = load_base(paths.base_dir, sft.model_dtype, sft.attn_implementation)
     lengths = token_lengths(tokenizer, data.train + data.heldout)
     check_lengths(data.train + data.heldout, lengths, sft.max_seq_len, getattr(model.config, "max_position_embeddings", None))
     fingerprint = run_fingerprint(params, variant, data.dataset_digest, base_fp)
-    resume_from = _prepare_checkpoint_dir(paths.checkpoint_dir, fingerprint, paths.base_dir)
+    from accelerate import PartialState
+
+    # Under `accelerate launch`, rank 0 clears stale checkpoints before the others look.
+    with PartialState().main_process_first():
+        resume_from = _prepare_checkpoint_dir(paths.checkpoint_dir, fingerprint, paths.base_dir)
     meta = {
         "stage": "sft",
         "variant": variant,
@@ -356,7 +368,7 @@ def run_sft(
         train_dataset=to_dataset(data.train),
         eval_dataset=to_dataset(data.heldout) if sft.eval_steps > 0 else None,
         processing_class=tokenizer,
-        peft_config=make_lora_config(params),
+        peft_config=make_lora_config(params, model.config.num_hidden_layers),
         callbacks=_trainer_callbacks(log, on_checkpoint, meta),
     )
 
@@ -367,6 +379,10 @@ def run_sft(
     elapsed = time.perf_counter() - started
     resumed_step = int(Path(resume_from).name.split("-")[-1]) if resume_from else None
     trained_tokens = float(trainer._total_train_tokens)  # tokens seen in this process (TRL's count)
+    if not trainer.is_world_process_zero():
+        # Other ranks of `accelerate launch` only train their shard; rank 0 saves and measures.
+        return SftResult(paths.out_dir / "adapter", {}, resumed_step, int(trainer.state.global_step),
+                         data.dataset_digest, base_fp, 0.0)
     adapter_dir = _write_adapter(trainer, tokenizer, paths.out_dir, {**meta, "global_step": trainer.state.global_step})
 
     # 4. Held-out metrics: the paper's SFT measurements.
@@ -544,10 +560,15 @@ def sft_stage(params: Params, variant: str, paths: SftPaths, metrics_path: Path)
         if params.sft.register_checkpoints:
             register(checkpoint, step, final=False)
 
-    with tracking.stage_run(f"sft@{variant}", {"sft": params.sft, "prompt": params.prompt, "model": params.model}, variant=variant):
-        # The registered model's input example: a real held-out prompt of this variant.
-        data = load_data(params, variant, paths)
-        example_prompt.extend(data.heldout[0].prompt)
+    from accelerate import PartialState
+
+    # Bad data is a usage error before any MLflow run is opened.
+    data = load_data(params, variant, paths)
+    if not PartialState().is_main_process:
+        return run_sft(params, variant, paths, data=data).metrics  # rank 0 records and registers
+    # The registered model's input example: a real held-out prompt of this variant.
+    example_prompt.extend(data.heldout[0].prompt)
+    with tracking.stage_run(f"sft@{variant}", {"sft": params.sft, "model": params.model}, variant=variant):
         # MLflow caps a dataset digest at 36 characters: the first 32 of our sha256 name it.
         tracking.log_dataset(paths.data_dir, name="teacher-steps", digest=data.dataset_digest[:32], context="training")
         result = run_sft(params, variant, paths, log=tracking.log_metrics, on_checkpoint=on_checkpoint, data=data)

@@ -1,0 +1,147 @@
+"""Training throughput of the `sft` stage's trainer against a plain SFTTrainer script, side by side.
+
+Same data (the teacher steps of `data/teacher`, or a small generated set), same model
+(`model.dir`), same LoRA, batch size and accumulation. Prints non-padding training tokens per
+second of both, their ratio (target >= 0.95x), the share of non-padding tokens in our batches
+(target >= 90%) and, with --bf16-check, the loss curves with bf16 autocast on and off.
+
+    python benchmarks/sft_throughput.py --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+
+class StepTimer(TrainerCallback):
+    """Wall time and non-padding tokens of each optimizer step (the first is warm-up, dropped)."""
+
+    def __init__(self):
+        self.starts, self.ends, self.losses = [], [], []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.starts.append(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+
+def batch_stats(trainer, batches: int) -> tuple[int, int]:
+    """(non-padding tokens, all positions) over the first `batches` training batches."""
+    real = total = 0
+    for i, batch in enumerate(trainer.get_train_dataloader()):
+        if i >= batches:
+            break
+        if "attention_mask" in batch:
+            real += int(batch["attention_mask"].sum())
+            total += batch["attention_mask"].numel()
+        else:  # padding-free: one row, no padding
+            real += batch["input_ids"].numel()
+            total += batch["input_ids"].numel()
+    return real, total
+
+
+def run(trainer, steps: int, patched: bool):
+    from dynaplan.train.sft import score_labelled_positions_only
+
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    real, total = batch_stats(trainer, steps * trainer.args.gradient_accumulation_steps)
+    torch.manual_seed(0)
+    if patched:
+        with score_labelled_positions_only():
+            trainer.train()
+    else:
+        trainer.train()
+    seconds = float(np.sum(np.array(timer.ends[1:]) - np.array(timer.starts[1:])))
+    per_step = real / steps
+    return {"tokens_per_s": per_step * (steps - 1) / seconds, "non_pad_share": real / total, "losses": timer.losses}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per trainer (the first is warm-up)")
+    parser.add_argument("--data", default="data/teacher", help="teacher step shards")
+    parser.add_argument("--bf16-check", action="store_true", help="also compare loss curves with bf16 on and off")
+    parser.add_argument("--accum", type=int, default=None, help="override sft.grad_accum (shorter steps)")
+    args = parser.parse_args()
+
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from dynaplan.config import load_params
+    from dynaplan.train.sft import load_base, make_config, make_lora_config, to_dataset
+    from dynaplan.train.sft_data import build_examples, read_rows, sample_rows, split_by_episode
+
+    params = load_params()
+    if args.accum is not None:
+        params = params.model_copy(update={"sft": params.sft.model_copy(update={"grad_accum": args.accum})})
+    sft = params.sft
+    rows = read_rows(args.data, sft.envs)
+    train_rows, _ = split_by_episode(rows, sft.eval_fraction, sft.seed)
+    examples = build_examples(sample_rows(train_rows, sft.batch_size * sft.grad_accum * args.steps, sft.seed), "dynamic")
+    dataset = to_dataset(examples)
+    out = Path("/tmp/dynaplan-sft-bench")
+    results = {}
+
+    # Ours: the stage's SFTConfig (padding-free, completion-only, bf16 as in params) and patch.
+    model, tokenizer = load_base(Path(params.model.dir))
+    config = make_config(params, out / "ours", has_eval=False)
+    config.max_steps, config.save_strategy, config.disable_tqdm, config.logging_steps = args.steps, "no", True, 1
+    ours = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=make_lora_config(params, model.config.num_hidden_layers))
+    results["ours"] = run(ours, args.steps, patched=True)
+    del ours, model
+
+    # Plain: what the TRL docs show, same hyper-parameters, TRL's defaults otherwise.
+    model, tokenizer = load_base(Path(params.model.dir))
+    plain_config = SFTConfig(
+        output_dir=str(out / "plain"), max_steps=args.steps, per_device_train_batch_size=sft.batch_size,
+        gradient_accumulation_steps=sft.grad_accum, learning_rate=sft.learning_rate, bf16=sft.bf16,
+        gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
+        seed=sft.seed, data_seed=sft.seed, use_cpu=not torch.cuda.is_available(),
+    )
+    layers = model.config.num_hidden_layers
+    lora = LoraConfig(r=sft.lora.r, lora_alpha=sft.lora.alpha, lora_dropout=sft.lora.dropout,
+                      target_modules=list(sft.lora.target_modules), task_type="CAUSAL_LM",
+                      layers_to_transform=list(range(layers - sft.lora.top_layers, layers)) if sft.lora.top_layers else None)
+    plain = SFTTrainer(model=model, args=plain_config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    results["plain"] = run(plain, args.steps, patched=False)
+    del plain, model
+
+    print(f"model {params.model.dir}, {len(examples)} examples, batch {sft.batch_size} x accum {sft.grad_accum}, "
+          f"{args.steps} steps (first dropped), bf16={sft.bf16}, torch threads {torch.get_num_threads()}")
+    for name, r in results.items():
+        print(f"  {name:6s} {r['tokens_per_s']:8.1f} tokens/s   non-padding share {r['non_pad_share']:.1%}   losses {np.round(r['losses'], 3).tolist()}")
+    ratio = results["ours"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
+    print(f"throughput ratio ours/plain: {ratio:.2f}x (target >= 0.95x); our non-padding share "
+          f"{results['ours']['non_pad_share']:.1%} (target >= 90%)")
+
+    if args.bf16_check:
+        curves = {}
+        for bf16 in (False, True):
+            model, tokenizer = load_base(Path(params.model.dir))
+            config = make_config(params.model_copy(update={"sft": sft.model_copy(update={"bf16": bf16})}), out / f"bf16-{bf16}", has_eval=False)
+            config.max_steps, config.save_strategy, config.disable_tqdm, config.logging_steps = args.steps, "no", True, 1
+            trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=make_lora_config(params, model.config.num_hidden_layers))
+            curves[bf16] = run(trainer, args.steps, patched=True)
+        fp32, bf = np.array(curves[False]["losses"]), np.array(curves[True]["losses"])
+        print(f"bf16 check: fp32 {curves[False]['tokens_per_s']:.1f} tokens/s, bf16 {curves[True]['tokens_per_s']:.1f} tokens/s "
+              f"({curves[True]['tokens_per_s'] / curves[False]['tokens_per_s']:.2f}x); loss fp32 {np.round(fp32, 3).tolist()} "
+              f"bf16 {np.round(bf, 3).tolist()}; max |diff| {np.abs(fp32 - bf).max():.3f}, "
+              f"max relative {np.max(np.abs(fp32 - bf) / fp32):.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
