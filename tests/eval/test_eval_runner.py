@@ -54,6 +54,15 @@ def _spec(**kw):
     return EvalSpec(**base)
 
 
+def test_garbage_answers_on_pogs_fall_back_to_staying_put(tmp_path):
+    spec = _spec(env="pogs", env_kwargs={"num_nodes": 10, "max_steps": 30}, max_steps=None)
+    result = run_evaluation(spec, tmp_path / "store.jsonl", backend=GarbageBackend(), progress=False)
+    steps = [s for ep in result.episodes for s in ep["steps"]]
+    assert len(steps) == 60  # nothing valid reaches the target: both episodes run to the cap
+    assert all(s["fallback"] and s["reward"] == -1.0 for s in steps)
+    assert result.metrics["invalid_rate"] == 1.0
+
+
 def test_garbage_answers_never_crash_and_are_counted(tmp_path):
     result = run_evaluation(_spec(), tmp_path / "store.jsonl", backend=GarbageBackend(), progress=False)
     assert [ep["length"] for ep in result.episodes] == [8, 8]

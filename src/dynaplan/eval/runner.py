@@ -247,10 +247,12 @@ def build_policy(spec: EvalSpec, env, seed: int, backend=None):
         return RandomPolicy(env.action_names, seed=seed)
     if spec.policy == "expert":
         return EnvSeededTeacherPolicy(spec.env, seed=seed, count_tokens=_token_counter(spec.tokenizer))
+    # POGS's fallback (stay put, an invalid move) depends on where the agent stands: read per step.
+    default_action = (lambda info: str(info["current_node"])) if spec.env == "pogs" else env.default_action
     return LLMPolicy(
         backend,
         action_names=env.action_names,
-        default_action=env.default_action,
+        default_action=default_action,
         rules=env.rules,
         mode=spec.mode,
         k=spec.k,
