@@ -58,7 +58,7 @@ def _corrupt(rows: list[dict]) -> dict[str, tuple[str, int]]:
     nulled = crafter[-1]
     nulled["reward"] = None
     pogs = [r for r in rows if r["env"] == "pogs"]
-    pogs[1]["seed"] = 2_000_000  # a held-out evaluation seed
+    pogs[1]["seed"] = 1_000_001  # a held-out evaluation seed (seeds.eval_start = 1,000,000)
     pogs[2]["plan_interval"] = 99
     rows.append(dict(pogs[3]))  # a duplicate (episode, step)
     key = lambda r: (r["episode_id"], r["step"])  # noqa: E731

@@ -30,7 +30,7 @@ SUITE_NAME = "step_records"
 ROW_ID = ["episode_id", "step"]
 EXAMPLES = 5
 # Columns computed from the stored ones so that GX can check relations between them.
-DERIVED = ("plan_open_tags", "plan_close_tags", "target_has_plan", "target_trimmed", "seq_tokens")
+DERIVED = ("plan_open_tags", "plan_close_tags", "target_has_plan", "target_trimmed", "seq_tokens", "seed_held_out")
 
 
 @dataclass
@@ -108,7 +108,9 @@ def chat_token_counter(tokenizer_dir: str | os.PathLike[str]) -> Callable[[pd.Da
     return count
 
 
-def validation_frame(data: pa.Table | pd.DataFrame, count_seq_tokens: Callable[[pd.DataFrame], list[int]]) -> pd.DataFrame:
+def validation_frame(
+    data: pa.Table | pd.DataFrame, count_seq_tokens: Callable[[pd.DataFrame], list[int]], held_out_seeds: range
+) -> pd.DataFrame:
     """The dataset as pandas plus the derived columns the suite checks."""
     frame = data.to_pandas() if isinstance(data, pa.Table) else data.copy()
     target = frame["target"].fillna("")
@@ -117,6 +119,7 @@ def validation_frame(data: pa.Table | pd.DataFrame, count_seq_tokens: Callable[[
     frame["target_has_plan"] = target.str.startswith(PLAN_OPEN)
     frame["target_trimmed"] = target == target.str.strip()
     frame["seq_tokens"] = count_seq_tokens(frame) if len(frame) else []
+    frame["seed_held_out"] = frame["seed"].between(held_out_seeds.start, held_out_seeds.stop - 1)
     return frame
 
 
@@ -156,10 +159,9 @@ def build_expectations(params: Params, action_sets: Mapping[str, Sequence[str]])
     add("unique_episode_step", gxe.ExpectCompoundColumnsToBeUnique(column_list=list(ROW_ID)))
     add("step_non_negative", gxe.ExpectColumnValuesToBeBetween(column="step", min_value=0))
     add("seq_within_max_seq_len", gxe.ExpectColumnValuesToBeBetween(column="seq_tokens", min_value=1, max_value=checks.max_seq_len))
-    # Teacher seeds run from seeds.train_start; evaluation seeds from seeds.eval_start on, so a
-    # training seed at or past eval_start (when eval_start is the higher one) would leak.
-    upper = params.seeds.eval_start - 1 if params.seeds.eval_start > params.seeds.train_start else None
-    add("train_seeds_disjoint_from_eval", gxe.ExpectColumnValuesToBeBetween(column="seed", min_value=params.seeds.train_start, max_value=upper))
+    # A training row on a held-out seed (Params.eval_seed_range) would leak the evaluation.
+    add("train_seeds_disjoint_from_eval", gxe.ExpectColumnValuesToBeInSet(column="seed_held_out", value_set=[False]))
+    add("seed_from_train_start", gxe.ExpectColumnValuesToBeBetween(column="seed", min_value=params.seeds.train_start))
     return expectations
 
 
@@ -248,7 +250,7 @@ def validate_dataset(
 ) -> ValidationReport:
     """Run the whole suite over a dataset and report; never raises on bad data (see `success`)."""
     started = time.perf_counter()
-    frame = validation_frame(data, count_seq_tokens)
+    frame = validation_frame(data, count_seq_tokens, params.eval_seed_range())
     outcomes, docs = run_suite(frame, build_expectations(params, action_sets), docs_dir)
     success = all(o.success for o in outcomes)
     return ValidationReport(success, len(frame), outcomes, time.perf_counter() - started, docs)
