@@ -167,30 +167,33 @@ class LoraParams(Section):
         min_length=1,
         description="module names that get a LoRA adapter (not lm_head: TRL computes the loss from its weight)",
     )
+    top_layers: int = Field(0, ge=0, description="adapt only the last N transformer layers (0 = all): the backward pass stops below them, so CPU steps are much cheaper")
 
 
 class SftParams(Section):
     envs: list[Literal["crafter", "pogs"]] = Field(
         default_factory=lambda: ["crafter", "pogs"], min_length=1, description="which envs' teacher steps to train on"
     )
-    max_train_examples: int = Field(0, ge=0, description="cap on training examples: a seeded sample of the training episodes' steps; 0 = all")
+    max_train_examples: int = Field(96, ge=0, description="cap on training examples: a seeded sample of the training episodes' steps; 0 = all")
     eval_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of episodes (per env) held out")
-    eval_examples: int = Field(48, ge=1, description="held-out steps used for greedy answers and KL (seeded sample)")
+    eval_examples: int = Field(32, ge=1, description="held-out steps used for greedy answers and KL (seeded sample)")
     lora: LoraParams = LoraParams()
-    learning_rate: float = Field(5e-4, gt=0.0, le=1.0, description="peak AdamW learning rate")
+    learning_rate: float = Field(6e-4, gt=0.0, le=1.0, description="peak AdamW learning rate")
     lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field("cosine", description="schedule after warm-up")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="share of optimizer steps spent warming up")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
-    epochs: float = Field(1.0, gt=0.0, description="passes over the training examples (ignored when max_steps > 0)")
+    epochs: float = Field(2.0, gt=0.0, description="passes over the training examples (ignored when max_steps > 0)")
     max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = derive from epochs")
-    batch_size: int = Field(4, ge=1, description="sequences per forward pass (per device)")
-    grad_accum: int = Field(2, ge=1, description="forward passes per optimizer step")
+    batch_size: int = Field(1, ge=1, description="sequences per forward pass (per device); 1 on the CPU: no padding, attention per sequence")
+    grad_accum: int = Field(8, ge=1, description="forward passes per optimizer step")
     max_seq_len: int = Field(1024, ge=32, description="longest prompt + completion in tokens; a longer example is an error, never truncated")
-    padding_free: bool = Field(True, description="flatten each batch into one sequence (exact: block-diagonal attention from position ids)")
+    padding_free: bool = Field(False, description="flatten each batch into one sequence (exact: block-diagonal attention from position ids; with SDPA the mask spans the whole batch, so use it with flash_attention_2)")
     bf16: bool = Field(True, description="bfloat16 autocast (CPU and GPU); weights and optimizer state stay float32")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (GPU memory); slower")
+    model_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the frozen base weights while training (bfloat16 on GPUs); LoRA weights stay float32")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="attention kernel; padding-free batches are exact with each (sdpa builds a block-diagonal mask), flash_attention_2 is the memory-lean one on GPUs")
     seed: int = Field(0, description="seed of the split, the LoRA init and the data order")
-    save_steps: int = Field(10, ge=1, description="checkpoint every this many optimizer steps (resume point)")
+    save_steps: int = Field(8, ge=1, description="checkpoint every this many optimizer steps (resume point)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept on disk")
     logging_steps: int = Field(1, ge=1, description="log train loss to MLflow every this many optimizer steps")
     eval_steps: int = Field(0, ge=0, description="held-out loss every this many steps; 0 = only at the end")
