@@ -45,7 +45,6 @@ CREATURE_COST = {"cow": 3, "zombie": 3, "skeleton": 3, "arrow": 2}
 # sapling grows only while the player stays near; it is ripe after 300 updates (objects.Plant).
 PLANT_UPDATE_DISTANCE = 18
 PLANT_RIPE_UPDATES = 330
-REVERSE = {v: k for k, v in DIRECTIONS.items()}
 
 
 def describe_offset(dx: int, dy: int) -> str:
