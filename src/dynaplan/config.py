@@ -174,7 +174,7 @@ class SftParams(Section):
     envs: list[Literal["crafter", "pogs"]] = Field(
         default_factory=lambda: ["crafter", "pogs"], min_length=1, description="which envs' teacher steps to train on"
     )
-    max_train_examples: int = Field(96, ge=0, description="cap on training examples: a seeded sample of the training episodes' steps; 0 = all")
+    max_train_examples: int = Field(64, ge=0, description="cap on training examples: a seeded sample of the training episodes' steps; 0 = all")
     eval_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of episodes (per env) held out")
     eval_examples: int = Field(32, ge=1, description="held-out steps used for greedy answers and KL (seeded sample)")
     lora: LoraParams = LoraParams()
@@ -186,7 +186,7 @@ class SftParams(Section):
     max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = derive from epochs")
     batch_size: int = Field(1, ge=1, description="sequences per forward pass (per device); 1 on the CPU: no padding, attention per sequence")
     grad_accum: int = Field(8, ge=1, description="forward passes per optimizer step")
-    max_seq_len: int = Field(1024, ge=32, description="longest prompt + completion in tokens; a longer example is an error, never truncated")
+    max_seq_len: int = Field(2048, ge=32, description="longest prompt + completion in tokens; a longer example is an error, never truncated")
     padding_free: bool = Field(False, description="flatten each batch into one sequence (exact: block-diagonal attention from position ids; with SDPA the mask spans the whole batch, so use it with flash_attention_2)")
     bf16: bool = Field(True, description="bfloat16 autocast (CPU and GPU); weights and optimizer state stay float32")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (GPU memory); slower")

@@ -138,9 +138,13 @@ def load_data(params: Params, variant: str, paths: SftPaths) -> SftData:
     train_rows = sample_rows(train_rows, params.sft.max_train_examples or len(train_rows), params.sft.seed)
     heldout_rows = sample_rows(heldout_rows, params.sft.eval_examples, params.sft.seed + 1)
     digest = report.get("dataset_digest") or report.get("digest") or _folder_digest(paths.data_dir)
+    # The naive prompts are rebuilt under the same token budget the dynamic ones were built with.
+    from dynaplan.data.generation import token_counter
+
+    budget = {"max_prompt_tokens": params.prompt.max_prompt_tokens, "count_tokens": token_counter(str(paths.base_dir))}
     return SftData(
-        train=build_examples(train_rows, variant),
-        heldout=build_examples(heldout_rows, variant),
+        train=build_examples(train_rows, variant, **budget),
+        heldout=build_examples(heldout_rows, variant, **budget),
         dataset_digest=str(digest),
     )
 

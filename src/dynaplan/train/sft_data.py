@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,16 +75,22 @@ def read_rows(data_dir: str | Path, envs: Sequence[str]) -> list[dict]:
     return rows
 
 
-def build_examples(rows: Sequence[dict], variant: str) -> list[SftExample]:
+def build_examples(
+    rows: Sequence[dict],
+    variant: str,
+    *,
+    max_prompt_tokens: int | None = None,
+    count_tokens: Callable[[str], int] | None = None,
+) -> list[SftExample]:
     """Step records as examples of `variant`. `dynamic`: the stored prompt (dynamic-planning
     instruction, the teacher's current plan) and the teacher's answer, plans included. `naive`:
     the plan-stripped view (`naive_view`: mode "never", no current plan, the bare action), built
-    from the same observation and history window."""
+    from the same observation and history window, under the same prompt token budget."""
     views = list(rows)
     if variant == "naive":
         from dynaplan.data.generation import naive_view
 
-        views = naive_view(views).to_pylist()
+        views = naive_view(views, max_prompt_tokens=max_prompt_tokens, count_tokens=count_tokens).to_pylist()
     elif variant != "dynamic":
         raise ValueError(f"unknown SFT variant {variant!r}; expected one of {', '.join(VARIANTS)}")
     return [
