@@ -102,7 +102,7 @@ def test_fingerprint_ignores_episode_count_but_not_the_policy():
 
 
 def test_progression_and_success_rates_agree_with_crafter(tmp_path):
-    spec = EvalSpec(name="r", env="crafter", policy="random", episodes=4, num_envs=4, max_steps=150,
+    spec = EvalSpec(name="r", env="crafter", policy="random", episodes=3, num_envs=3, max_steps=120,
                     env_kwargs={"max_steps": 2000, "area": 64})
     result, paths = evaluate(spec, tmp_path / "out", tmp_path / "resume", track=False, progress=False)
     episodes = result.episodes
@@ -128,7 +128,7 @@ def test_progression_and_success_rates_agree_with_crafter(tmp_path):
 
 
 def test_best_of_n_runs_distinct_attempts(tmp_path):
-    spec = EvalSpec(name="b", env="crafter", policy="random", episodes=2, best_of=2, num_envs=4, max_steps=40,
+    spec = EvalSpec(name="b", env="crafter", policy="random", episodes=2, best_of=2, num_envs=4, max_steps=25,
                     env_kwargs={"max_steps": 2000, "area": 64})
     result = run_evaluation(spec, tmp_path / "s.jsonl", progress=False)
     assert sorted((ep["attempt"], ep["seed"]) for ep in result.episodes) == [
