@@ -122,3 +122,17 @@ def test_flatten_gives_dotted_keys_and_uses_the_validate_alias():
     flat = tracking.flatten(Params())
     assert "validate.plan_max_chars" in flat and "validation.plan_max_chars" not in flat
     assert tracking.flatten({"a": {"b": {"c": 1}}, "d": []}) == {"a.b.c": 1, "d": []}
+
+
+def test_a_dep_that_another_stage_produces_takes_its_hash_from_that_stages_lock_entry(store, tmp_path):
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "dvc.yaml").write_text((store / "dvc.yaml").read_text())
+    (root / "code.py").write_text("print('hi')\n")
+    (root / "data").mkdir()
+    (root / "data" / "big.bin").write_bytes(b"x")
+    (root / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  upstream:\n    cmd: make data\n    outs:\n    - path: data\n      md5: 0123.dir\n"
+    )
+    hashes = tracking.stage_dep_hashes("generate", root)
+    assert hashes == {"code.py": hashlib.md5(b"print('hi')\n").hexdigest(), "data": "0123.dir"}

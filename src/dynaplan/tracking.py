@@ -151,20 +151,38 @@ def dvc_hash(path: Path) -> str:
 
 
 def stage_dep_hashes(stage: str, root: Path | None = None) -> dict[str, str]:
-    """`{dep path: hash}` for the deps that dvc.yaml declares for `stage`, hashed now (dvc.lock
-    is rewritten only after the stage's command returns, so it would describe the last run)."""
+    """`{dep path: hash}` for the deps that dvc.yaml declares for `stage`. Sources are hashed now
+    (this stage's own dvc.lock entry is rewritten only after its command returns, so it would
+    describe the last run); outputs of other stages come from their dvc.lock entries."""
     root = root or project_root()
     dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.is_file():
         return {}
     stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    # A dep that another stage produces (a model, a dataset: the big ones) is hashed already in
+    # that stage's dvc.lock entry, written before this stage runs; only sources are hashed here.
+    produced = _locked_outs(root)
     hashes: dict[str, str] = {}
     for dep in (stages.get(stage) or {}).get("deps", []):
         dep_path = dep if isinstance(dep, str) else next(iter(dep))
         full = root / dep_path
-        if full.exists():
+        if dep_path in produced:
+            hashes[dep_path] = produced[dep_path]
+        elif full.exists():
             hashes[dep_path] = dvc_hash(full)
     return hashes
+
+
+def _locked_outs(root: Path) -> dict[str, str]:
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    outs: dict[str, str] = {}
+    for entry in ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).values():
+        for out in entry.get("outs", []):
+            if out.get("md5"):
+                outs[out["path"]] = out["md5"]
+    return outs
 
 
 def pipeline_parent_run(pipeline_run_id: str) -> str:
