@@ -89,13 +89,15 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("models/base"))
     parser.add_argument("--envs", type=int, default=16)
     parser.add_argument("--single-episodes", type=int, default=2, help="episodes for the 1-env rollout")
-    parser.add_argument("--sft-steps", type=int, default=4)
+    parser.add_argument("--sft-steps", type=int, default=2, help="SFT optimizer steps of ppo.minibatch_size turns")
+    parser.add_argument("--train-turns", type=int, default=8, help="turns the PPO update and SFT both train on")
+    parser.add_argument("--bf16", action="store_true", help="also time SFT with bf16 autocast (SFT's default)")
     parser.add_argument("--max-steps", type=int, default=1, help="turns per episode")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
 
     from dynaplan.config import load_params, parse_params
-    from dynaplan.train.ppo import ABLATIONS, ValueHead, load_policy_model, update
+    from dynaplan.train.ppo import ABLATIONS, Turns, ValueHead, load_policy_model, update
 
     model_dir = resolve_model(args.model)
     raw = load_params().model_dump(mode="json", by_alias=True)
@@ -116,14 +118,21 @@ def main() -> None:
         lr=params.ppo.learning_rate, eps=1e-5,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stats = update(model, value_head, optimizer, turns_many, params.ppo, ABLATIONS["base"], pad_id=pad_id, iteration=0)
+    # Update and SFT train on the same first `--train-turns` turns (the CPU budget).
+    keep = slice(0, args.train_turns)
+    train_turns = Turns(**{name: getattr(turns_many, name)[keep] for name in Turns.__dataclass_fields__})
+    train_turns.dones = [True] * len(train_turns)  # each kept turn closes its (one-step) episode
+    messages, texts = messages[keep], texts[keep]
+    stats = update(model, value_head, optimizer, train_turns, params.ppo, ABLATIONS["base"], pad_id=pad_id, iteration=0)
     ppo_tps = stats["perf/update_tokens_per_s"]
     ppo_tps_with_scoring = stats["perf/update_tokens"] / (stats["perf/update_s"] + stats["perf/score_s"])
     sft_fp32 = sft_tokens_per_second(params, model_dir, messages, texts, args.sft_steps, bf16=False)
-    sft_bf16 = sft_tokens_per_second(params, model_dir, messages, texts, args.sft_steps, bf16=True)
+    sft_bf16 = sft_tokens_per_second(params, model_dir, messages, texts, args.sft_steps, bf16=True) if args.bf16 else None
 
     many_tps, one_tps = len(turns_many) / t_many, len(turns_one) / t_one
-    wall = t_many + stats["perf/score_s"] + stats["perf/update_s"]
+    # An iteration's wall time: its rollout plus scoring and updating all of its turns.
+    per_turn = (stats["perf/score_s"] + stats["perf/update_s"]) / len(train_turns)
+    wall = t_many + per_turn * len(turns_many)
     table = Table(title="PPO throughput (one run, same model)")
     for column in ("measure", "value", "ratio"):
         table.add_column(column)
@@ -132,8 +141,9 @@ def main() -> None:
     table.add_row("PPO update tokens/s (fp32, grad pass)", f"{ppo_tps:.0f}", f"{ppo_tps / sft_fp32:.2f}x vs SFT fp32")
     table.add_row("PPO update tokens/s incl. scoring pass", f"{ppo_tps_with_scoring:.0f}", f"{ppo_tps_with_scoring / sft_fp32:.2f}x vs SFT fp32")
     table.add_row("SFT (TRL) train tokens/s, fp32", f"{sft_fp32:.0f}", "1.00x")
-    table.add_row("SFT (TRL) train tokens/s, bf16 autocast", f"{sft_bf16:.0f}", f"{ppo_tps / sft_bf16:.2f}x PPO/SFT-bf16")
-    table.add_row("share of iteration wall time in rollout", f"{t_many / wall:.0%}", f"rollout {t_many:.1f}s, score {stats['perf/score_s']:.1f}s, update {stats['perf/update_s']:.1f}s")
+    if sft_bf16:
+        table.add_row("SFT (TRL) train tokens/s, bf16 autocast", f"{sft_bf16:.0f}", f"{ppo_tps / sft_bf16:.2f}x PPO/SFT-bf16")
+    table.add_row("share of iteration wall time in rollout", f"{t_many / wall:.0%}", f"rollout {t_many:.1f}s, score+update {per_turn * len(turns_many):.1f}s (from {len(train_turns)} turns)")
     console.print(table)
     console.print(f"load: {os.getloadavg()[0]:.1f} (2-core machine shared with other jobs: numbers are noisy)")
 
