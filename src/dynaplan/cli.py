@@ -307,6 +307,7 @@ def train_ppo_cmd(
         f"{out['progression']:.3f}, plan tokens/episode {out['plan_tokens_per_episode']:.1f} -> {out['model_uri']}"
     )
 
+
 @train_app.command("sft")
 def train_sft_cmd(
     variant: str = typer.Option("dynamic", help="dynamic (the teacher's plans) | naive (plans stripped)"),
