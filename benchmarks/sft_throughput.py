@@ -75,6 +75,8 @@ def main() -> int:
     parser.add_argument("--data", default="data/teacher", help="teacher step shards")
     parser.add_argument("--bf16-check", action="store_true", help="also compare loss curves with bf16 on and off")
     parser.add_argument("--accum", type=int, default=None, help="override sft.grad_accum (shorter steps)")
+    parser.add_argument("--batch", type=int, default=None, help="override sft.batch_size")
+    parser.add_argument("--model", default=None, help="model dir instead of model.dir (e.g. a tiny test model)")
     args = parser.parse_args()
 
     from peft import LoraConfig
@@ -85,8 +87,9 @@ def main() -> int:
     from dynaplan.train.sft_data import build_examples, read_rows, sample_rows, split_by_episode
 
     params = load_params()
-    if args.accum is not None:
-        params = params.model_copy(update={"sft": params.sft.model_copy(update={"grad_accum": args.accum})})
+    overrides = {k: v for k, v in (("grad_accum", args.accum), ("batch_size", args.batch)) if v is not None}
+    params = params.model_copy(update={"sft": params.sft.model_copy(update=overrides)})
+    model_dir = Path(args.model or params.model.dir)
     sft = params.sft
     rows = read_rows(args.data, sft.envs)
     train_rows, _ = split_by_episode(rows, sft.eval_fraction, sft.seed)
@@ -96,7 +99,7 @@ def main() -> int:
     results = {}
 
     # Ours: the stage's SFTConfig (padding-free, completion-only, bf16 as in params) and patch.
-    model, tokenizer = load_base(Path(params.model.dir))
+    model, tokenizer = load_base(model_dir)
     config = make_config(params, out / "ours", has_eval=False)
     config.max_steps, config.save_strategy, config.disable_tqdm, config.logging_steps = args.steps, "no", True, 1
     ours = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=make_lora_config(params, model.config.num_hidden_layers))
@@ -104,7 +107,7 @@ def main() -> int:
     del ours, model
 
     # Plain: what the TRL docs show, same hyper-parameters, TRL's defaults otherwise.
-    model, tokenizer = load_base(Path(params.model.dir))
+    model, tokenizer = load_base(model_dir)
     plain_config = SFTConfig(
         output_dir=str(out / "plain"), max_steps=args.steps, per_device_train_batch_size=sft.batch_size,
         gradient_accumulation_steps=sft.grad_accum, learning_rate=sft.learning_rate, bf16=sft.bf16,
@@ -119,7 +122,7 @@ def main() -> int:
     results["plain"] = run(plain, args.steps, patched=False)
     del plain, model
 
-    print(f"model {params.model.dir}, {len(examples)} examples, batch {sft.batch_size} x accum {sft.grad_accum}, "
+    print(f"model {model_dir}, {len(examples)} examples, batch {sft.batch_size} x accum {sft.grad_accum}, "
           f"{args.steps} steps (first dropped), bf16={sft.bf16}, torch threads {torch.get_num_threads()}")
     for name, r in results.items():
         print(f"  {name:6s} {r['tokens_per_s']:8.1f} tokens/s   non-padding share {r['non_pad_share']:.1%}   losses {np.round(r['losses'], 3).tolist()}")
@@ -130,7 +133,7 @@ def main() -> int:
     if args.bf16_check:
         curves = {}
         for bf16 in (False, True):
-            model, tokenizer = load_base(Path(params.model.dir))
+            model, tokenizer = load_base(model_dir)
             config = make_config(params.model_copy(update={"sft": sft.model_copy(update={"bf16": bf16})}), out / f"bf16-{bf16}", has_eval=False)
             config.max_steps, config.save_strategy, config.disable_tqdm, config.logging_steps = args.steps, "no", True, 1
             trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=make_lora_config(params, model.config.num_hidden_layers))
