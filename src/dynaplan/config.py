@@ -174,7 +174,7 @@ class SftParams(Section):
     envs: list[Literal["crafter", "pogs"]] = Field(
         default_factory=lambda: ["crafter", "pogs"], min_length=1, description="which envs' teacher steps to train on"
     )
-    max_train_examples: int = Field(64, ge=0, description="cap on training examples: a seeded sample of the training episodes' steps; 0 = all")
+    max_train_examples: int = Field(48, ge=0, description="cap on training examples: a seeded sample of the training episodes' steps; 0 = all")
     eval_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of episodes (per env) held out")
     eval_examples: int = Field(32, ge=1, description="held-out steps used for greedy answers and KL (seeded sample)")
     lora: LoraParams = LoraParams()
