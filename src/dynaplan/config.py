@@ -188,7 +188,7 @@ class SftParams(Section):
     grad_accum: int = Field(8, ge=1, description="forward passes per optimizer step")
     max_seq_len: int = Field(2048, ge=32, description="longest prompt + completion in tokens; a longer example is an error, never truncated")
     padding_free: bool = Field(False, description="flatten each batch into one sequence (exact: block-diagonal attention from position ids; with SDPA the mask spans the whole batch, so use it with flash_attention_2)")
-    bf16: bool = Field(True, description="bfloat16 autocast (CPU and GPU); weights and optimizer state stay float32")
+    bf16: bool = Field(False, description="bfloat16 autocast; weights and optimizer state stay float32. On for GPUs and CPUs with native bf16 (AVX512-BF16/AMX); on AVX2-only CPUs it is emulated and measured 7x slower")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (GPU memory); slower")
     model_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the frozen base weights while training (bfloat16 on GPUs); LoRA weights stay float32")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="attention kernel; padding-free batches are exact with each (sdpa builds a block-diagonal mask), flash_attention_2 is the memory-lean one on GPUs")
