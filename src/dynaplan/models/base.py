@@ -44,6 +44,17 @@ class Generation:
         return len(self.prompt_token_ids)
 
 
+def chat_prompt_token_ids(tokenizer, request: GenerationRequest) -> list[int]:
+    """The prompt as the model sees it: the chat template with the generation prompt, then the
+    forced prefix's tokens (which count as prompt, not as generated)."""
+    ids = list(
+        tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+    )
+    if request.prefix:
+        ids += tokenizer.encode(request.prefix, add_special_tokens=False)
+    return ids
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str

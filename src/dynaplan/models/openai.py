@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from dynaplan.models.base import Generation, GenerationRequest, SamplingParams
+from dynaplan.models.base import Generation, GenerationRequest, SamplingParams, chat_prompt_token_ids
 from dynaplan.models.hf import plan_opening_token_ids, row_seed, stop_token_ids
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -116,14 +116,7 @@ class OpenAIBackend:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def local_prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        ids = list(
-            self.tokenizer.apply_chat_template(
-                list(request.messages), add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
-        if request.prefix:
-            ids += self.tokenizer.encode(request.prefix, add_special_tokens=False)
-        return ids
+        return chat_prompt_token_ids(self.tokenizer, request)
 
     def _plan_bias(self) -> dict[str, int]:
         if self._banned is None:

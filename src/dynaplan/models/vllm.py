@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dynaplan.models.base import Generation, GenerationRequest, SamplingParams
+from dynaplan.models.base import Generation, GenerationRequest, SamplingParams, chat_prompt_token_ids
 from dynaplan.models.hf import plan_opening_token_ids, row_seed
 
 INSTALL_HINT = (
@@ -75,14 +75,7 @@ class VLLMBackend:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        ids = list(
-            self.tokenizer.apply_chat_template(
-                list(request.messages), add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
-        if request.prefix:
-            ids += self.tokenizer.encode(request.prefix, add_special_tokens=False)
-        return ids
+        return chat_prompt_token_ids(self.tokenizer, request)
 
     def generate(
         self, requests: Sequence[GenerationRequest], sampling: SamplingParams, seed: int
