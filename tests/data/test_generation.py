@@ -103,10 +103,13 @@ def test_changed_params_replace_every_stale_shard(reference, tmp_path, smollm2_t
     assert max(s for e, s in zip(table["env"].to_pylist(), table["step"].to_pylist()) if e == "crafter") < 6
 
 
-def test_killed_half_way_then_rerun_gives_the_uninterrupted_hash(reference, tmp_path, smollm2_tokenizer_dir):
+def test_killed_half_way_then_rerun_gives_the_uninterrupted_hash(tmp_path, smollm2_tokenizer_dir):
     """Starts generation in a subprocess (2 worker processes), kills its process group with
-    SIGKILL as soon as the first shard is on disk, then runs it again to completion."""
-    _, result = reference
+    SIGKILL as soon as the first shard is on disk, then runs it again to completion. Many small
+    POGS shards, so that the kill lands half-way even when the machine is busy."""
+    raw = tiny_raw(pogs_episodes=40)
+    total_shards = 2 + 40
+    result = generate_dataset(parse_params(raw), tmp_path / "reference", tokenizer_dir=smollm2_tokenizer_dir, progress=False)
     out = tmp_path / "teacher"
     script = (
         "import json, sys\n"
@@ -116,7 +119,7 @@ def test_killed_half_way_then_rerun_gives_the_uninterrupted_hash(reference, tmp_
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, json.dumps(tiny_raw()), str(out), str(smollm2_tokenizer_dir)],
+        [sys.executable, "-c", script, json.dumps(raw), str(out), str(smollm2_tokenizer_dir)],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
@@ -130,8 +133,8 @@ def test_killed_half_way_then_rerun_gives_the_uninterrupted_hash(reference, tmp_
     finally:
         proc.wait(timeout=30)
     finished = dataset.shard_paths(out)
-    assert 1 <= len(finished) < 5 and not (out / dataset.MANIFEST).exists()
-    rerun = generate_dataset(tiny_params(), out, tokenizer_dir=smollm2_tokenizer_dir, progress=False)
+    assert 1 <= len(finished) < total_shards and not (out / dataset.MANIFEST).exists()
+    rerun = generate_dataset(parse_params(raw), out, tokenizer_dir=smollm2_tokenizer_dir, progress=False)
     assert rerun.reused_shards == len(finished)
     assert rerun.manifest["digest"] == result.manifest["digest"]
 
