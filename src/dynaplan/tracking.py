@@ -122,11 +122,8 @@ def git_commit(root: Path | None = None) -> str | None:
 
 
 def _md5_file(path: Path) -> str:
-    digest = hashlib.md5()
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 def _dvc_ignored(relpath: Path) -> bool:
