@@ -25,12 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plans", default=None, help="human plans file injected into the plan block")
     parser.add_argument("--best-of", type=int, default=None, help="attempts per seed (default 1)")
     parser.add_argument("--episodes", type=int, default=None, help="held-out seeds (default: evaluate.episodes or baseline_episodes)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="cap on steps per episode (default: evaluate.crafter_max_steps for LLM Crafter runs, else the env's own)")
     args = parser.parse_args(argv)
     try:
         params = load_params()
         spec = spec_from_params(
             params, name=args.name, policy=args.policy, env=args.env, model=args.model, adapter=args.adapter,
             mode=args.mode, k=args.k, plans=args.plans, best_of=args.best_of, episodes=args.episodes,
+            max_steps=args.max_steps,
         )
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -103,6 +103,7 @@ class EvaluateParams(Section):
     intervals: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1, description="fixed planning intervals of the Goldilocks sweep (plus never and dynamic)")
     best_of: int = Field(2, ge=1, le=1000, description="attempts per seed in the best-of-N evaluations")
     best_of_episodes: int = Field(1, ge=1, le=100_000, description="held-out seeds of the best-of-N evaluations (each played best_of times)")
+    sft_episodes: int = Field(8, ge=1, le=100_000, description="held-out seeds of the SFT students' evaluations (evaluate_sft@<variant>)")
     plans_file: str = Field("plans/crafter_human.yaml", min_length=1, description="human plans (YAML list of {plan, until}) for the steered best-of-N evaluation")
 
     @model_validator(mode="after")
@@ -229,6 +230,7 @@ class Params(Section):
         """Every held-out env seed evaluation and promotion play."""
         count = max(
             self.evaluate.episodes, self.evaluate.baseline_episodes, self.evaluate.best_of_episodes,
+            self.evaluate.sft_episodes,
             self.promote.episodes,
         )
         return range(self.seeds.eval_start, self.seeds.eval_start + count)
