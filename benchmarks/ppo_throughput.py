@@ -2,7 +2,8 @@
 
 1. rollout turns/s with 16 lockstep envs vs 1 (one batched generation per step vs one per env);
 2. PPO update tokens/s (forward + backward of prompt + answer, the scoring pass timed apart)
-   vs TRL SFT training tokens/s on the very same turns as prompt-completion examples;
+   vs TRL SFT training tokens/s on the very same turns as prompt-completion examples, with the
+   turns' shared prompt prefix computed once per minibatch (as the trainer does) and without;
 3. the share of an iteration's wall time spent in rollouts.
 
 Usage: python benchmarks/ppo_throughput.py [--model models/base] [--envs 16] [--sft-steps 6]
@@ -97,6 +98,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dynaplan.config import load_params, parse_params
+    from dynaplan.train import ppo
     from dynaplan.train.ppo import ABLATIONS, Turns, ValueHead, load_policy_model, update
 
     model_dir = resolve_model(args.model)
@@ -123,8 +125,18 @@ def main() -> None:
     train_turns = Turns(**{name: getattr(turns_many, name)[keep] for name in Turns.__dataclass_fields__})
     train_turns.dones = [True] * len(train_turns)  # each kept turn closes its (one-step) episode
     messages, texts = messages[keep], texts[keep]
-    stats = update(model, value_head, optimizer, train_turns, params.ppo, ABLATIONS["base"], pad_id=pad_id, iteration=0)
+    # The same update twice: with each row's full prompt (the shared prefix switched off), then as
+    # the trainer runs it, with the turns' common system-prompt prefix computed once per minibatch.
+    saved_min = ppo.MIN_SHARED_PREFIX
+    ppo.MIN_SHARED_PREFIX = 10**9
+    try:
+        stats_full = update(model, value_head, optimizer, train_turns, params.ppo, ABLATIONS["base"], pad_id=pad_id, iteration=0)
+    finally:
+        ppo.MIN_SHARED_PREFIX = saved_min
+    stats = update(model, value_head, optimizer, train_turns, params.ppo, ABLATIONS["base"], pad_id=pad_id, iteration=1)
     ppo_tps = stats["perf/update_tokens_per_s"]
+    full_tps = stats_full["perf/update_tokens_per_s"]
+    full_tps_with_scoring = stats_full["perf/update_tokens"] / (stats_full["perf/update_s"] + stats_full["perf/score_s"])
     ppo_tps_with_scoring = stats["perf/update_tokens"] / (stats["perf/update_s"] + stats["perf/score_s"])
     sft_fp32 = sft_tokens_per_second(params, model_dir, messages, texts, args.sft_steps, bf16=False)
     sft_bf16 = sft_tokens_per_second(params, model_dir, messages, texts, args.sft_steps, bf16=True) if args.bf16 else None
@@ -140,6 +152,9 @@ def main() -> None:
     table.add_row("rollout turns/s, 1 env", f"{one_tps:.2f} ({len(turns_one)} turns)", "1.00x")
     table.add_row("PPO update tokens/s (fp32, grad pass)", f"{ppo_tps:.0f}", f"{ppo_tps / sft_fp32:.2f}x vs SFT fp32")
     table.add_row("PPO update tokens/s incl. scoring pass", f"{ppo_tps_with_scoring:.0f}", f"{ppo_tps_with_scoring / sft_fp32:.2f}x vs SFT fp32")
+    table.add_row("  same, prefix not shared (grad pass)", f"{full_tps:.0f}", f"{full_tps / sft_fp32:.2f}x vs SFT fp32; shared/not {ppo_tps / full_tps:.2f}x")
+    table.add_row("  same, prefix not shared, incl. scoring", f"{full_tps_with_scoring:.0f}",
+                  f"{full_tps_with_scoring / sft_fp32:.2f}x vs SFT fp32; shared/not {ppo_tps_with_scoring / full_tps_with_scoring:.2f}x")
     table.add_row("SFT (TRL) train tokens/s, fp32", f"{sft_fp32:.0f}", "1.00x")
     if sft_bf16:
         table.add_row("SFT (TRL) train tokens/s, bf16 autocast", f"{sft_bf16:.0f}", f"{ppo_tps / sft_bf16:.2f}x PPO/SFT-bf16")

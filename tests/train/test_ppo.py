@@ -3,6 +3,7 @@ bad input, and (slow) learning and plan-cost behaviour with the tiny model."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -161,6 +162,47 @@ def test_recomputed_logprobs_match_the_rollout_before_any_update(tiny_model_dir)
     assert mask.sum().item() == sum(len(t) for t in turns.token_ids)
 
 
+def test_shared_prefix_forward_equals_one_forward_per_turn(tiny_model_dir):
+    """The batch's common prompt prefix runs once: log-probs, entropies, values and the LoRA
+    gradients equal those of each turn run alone (where there is no prefix to share)."""
+    from dynaplan.train.ppo import ABLATIONS, MIN_SHARED_PREFIX, ValueHead, load_policy_model, shared_prefix_len, turn_forward
+
+    model, _ = load_policy_model(tiny_model_dir, ABLATIONS["base"], None, _params().ppo)
+    value_head = ValueHead(64)
+    torch.nn.init.normal_(value_head.linear.weight)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # zero at init, which would leave every lora_A gradient zero
+            torch.nn.init.normal_(param, std=0.02)
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(5, 400, size=40).tolist()
+    prompts = [prefix + rng.integers(5, 400, size=n).tolist() for n in (3, 11, 1)]
+    completions = [[7, 8, 9], [10], [11, 12, 13, 14, 15]]
+    assert shared_prefix_len(prompts) == 40 >= MIN_SHARED_PREFIX
+    assert shared_prefix_len([prefix[:5], prefix]) == 4  # one token of the shortest prompt stays out
+
+    def lora_grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    logp, ent, mask, values = turn_forward(model, value_head, prompts, completions, temperature=0.7, pad_id=0)
+    batched = lora_grads((logp * mask).sum())
+    summed = {}
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        lp1, ent1, _, v1 = turn_forward(model, value_head, [p], [c], temperature=0.7, pad_id=0)
+        width = len(c)
+        np.testing.assert_allclose(logp[row, -width:].detach().numpy(), lp1[0].detach().numpy(), atol=1e-5)
+        np.testing.assert_allclose(ent[row, -width:].detach().numpy(), ent1[0].detach().numpy(), atol=1e-4)
+        np.testing.assert_allclose(values[row].item(), v1[0].item(), atol=1e-5)
+        assert mask[row].sum().item() == width and logp[row, :-width].abs().sum().item() == 0
+        for name, grad in lora_grads(lp1.sum()).items():
+            summed[name] = summed.get(name, 0) + grad
+    assert batched and all(g.abs().sum() > 0 for g in batched.values())
+    for name, grad in batched.items():
+        torch.testing.assert_close(grad, summed[name], atol=1e-5, rtol=1e-4)
+
+
 @pytest.fixture
 def tracked(tmp_path, monkeypatch):
     """A project root with its own SQLite MLflow store."""
@@ -210,6 +252,11 @@ def test_stage_registers_each_checkpoint_as_a_ppo_version_and_exports_the_adapte
     assert {v.tags["plan_cost"] for v in versions} == {str(params.ppo.plan_cost)}
     assert (paths.out_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (paths.out_dir / "value_head.safetensors").is_file()
+    # The registered version loads back and answers (its adapter records the base it was trained on).
+    agent = mlflow.pyfunc.load_model(out["model_uri"])
+    answers = agent.predict({"messages": [json.dumps(ppo._example_messages(params, ppo.ABLATIONS["base"]))]},
+                            params={"max_new_tokens": 4})
+    assert len(answers) == 1 and isinstance(answers[0], str)
     runs = mlflow.search_runs(experiment_names=["dynaplan"], filter_string="tags.`dynaplan.stage` = 'ppo@base'")
     history = mlflow.MlflowClient().get_metric_history(runs.iloc[0].run_id, "losses/clipfrac")
     assert [m.step for m in history] == [1, 2]

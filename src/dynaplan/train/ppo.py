@@ -202,44 +202,81 @@ class ValueHead(nn.Module):
         return self.linear(hidden).squeeze(-1)
 
 
+def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common token prefix of `prompts`, kept one token short of the
+    shortest prompt (the last prompt token must be in the suffix: its hidden state feeds the
+    value head and its logit predicts the first generated token)."""
+    shortest = min(len(p) for p in prompts)
+    first = prompts[0]
+    n = 0
+    while n < shortest - 1 and all(p[n] == first[n] for p in prompts[1:]):
+        n += 1
+    return n
+
+
+# A shared prefix shorter than this is not worth a separate forward pass.
+MIN_SHARED_PREFIX = 16
+
+
 def turn_forward(model, value_head: ValueHead, prompts, completions, *, temperature: float, pad_id: int):
     """One forward pass over prompt + generated tokens of a batch of turns.
 
-    Returns per-token log-probs and entropies of the generated tokens ([B, T], left-aligned with
-    `mask`) and the value at the last prompt token ([B]). Rows are left-padded so the generated
-    tokens sit at the end and only their logits go through the LM head (the vocabulary is 49k).
+    Returns per-token log-probs and entropies of the generated tokens ([B, T], each row's tokens
+    right-aligned, marked by `mask`) and the value at the last prompt token ([B]). Only the
+    generated tokens' positions go through the LM head (the vocabulary is 49k).
+
+    The turns of one iteration share their system prompt (rules + planning instruction, the
+    same tokens in every turn), so the batch's longest common prefix runs once at batch size 1
+    and its keys and values are repeated for every row; the rest of each row (right-padded) runs
+    on top of them. This is the same computation as a full forward per row (gradients flow
+    through the shared prefix once, summed over rows), with the prefix's cost paid once.
     The value head reads a detached hidden state: the critic is a linear probe on the policy's
     features, so a badly scaled return cannot push the LoRA weights around.
     """
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    seq_len, gen_len = max(lengths), max(1, max(len(c) for c in completions))
+    from dynaplan.models.hf import _CACHE_KW, _out_cache
+
     batch = len(prompts)
+    prefix = shared_prefix_len(prompts) if batch > 1 else 0
+    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+    rests = [list(p[prefix:]) + list(c) for p, c in zip(prompts, completions)]
+    seq_len, gen_len = max(len(r) for r in rests), max(1, max(len(c) for c in completions))
     input_ids = torch.full((batch, seq_len), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, seq_len), dtype=torch.long)
+    attention_mask = torch.zeros((batch, prefix + seq_len), dtype=torch.long)
+    attention_mask[:, :prefix] = 1
     targets = torch.full((batch, gen_len), pad_id, dtype=torch.long)
     mask = torch.zeros((batch, gen_len))
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        ids = list(p) + list(c)
-        input_ids[b, seq_len - len(ids):] = torch.tensor(ids)
-        attention_mask[b, seq_len - len(ids):] = 1
+    # gather[b, t]: the suffix position whose logit predicts target column t (the token before it)
+    gather = torch.zeros((batch, gen_len), dtype=torch.long)
+    last_prompt = torch.zeros(batch, dtype=torch.long)
+    for b, (rest, c) in enumerate(zip(rests, completions)):
+        input_ids[b, : len(rest)] = torch.tensor(rest)
+        attention_mask[b, prefix : prefix + len(rest)] = 1
+        start = len(rest) - len(c)  # first generated token's position in the suffix
+        last_prompt[b] = start - 1
         if c:
             targets[b, gen_len - len(c):] = torch.tensor(c)
             mask[b, gen_len - len(c):] = 1
-    # Positions count real tokens only, as generate() does for left-padded batches.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            gather[b, gen_len - len(c):] = torch.arange(start - 1, len(rest) - 1)
+    position_ids = (prefix + torch.arange(seq_len)).unsqueeze(0).expand(batch, -1)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(causal_lm.parameters()).device
-    hidden = causal_lm.get_decoder()(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device)
+    decoder = causal_lm.get_decoder()
+    cache = None
+    if prefix:
+        out = decoder(input_ids=torch.tensor([list(prompts[0][:prefix])], device=device), use_cache=True)
+        cache = _out_cache(out)
+        cache.batch_repeat_interleave(batch)
+    hidden = decoder(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        position_ids=position_ids.to(device), use_cache=prefix > 0, **{_CACHE_KW: cache},
     ).last_hidden_state
-    # The logit at position i predicts token i + 1: the last gen_len + 1 positions minus the final one.
-    logits = causal_lm.get_output_embeddings()(hidden[:, seq_len - gen_len - 1 : seq_len - 1]).float() / temperature
+    rows = torch.arange(batch, device=device).unsqueeze(-1)
+    logits = causal_lm.get_output_embeddings()(hidden[rows, gather.to(device)]).float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     mask, targets = mask.to(device), targets.to(device)
     logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
     entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
-    last_prompt = torch.tensor([seq_len - len(c) - 1 for c in completions], device=device)
-    values = value_head(hidden[torch.arange(batch, device=device), last_prompt].detach().float())
+    values = value_head(hidden[rows.squeeze(-1), last_prompt.to(device)].detach().float())
     return logprobs, entropy, mask, values
 
 
@@ -549,6 +586,9 @@ def train(
     base_dir, ckpt_root = Path(base_dir), Path(checkpoint_dir)
     if not (base_dir / "config.json").is_file():
         raise ConfigError(f"base model not found: {base_dir}/config.json (run the base_model stage first)")
+    from dynaplan.train.sft import base_fingerprint
+
+    base_fp = base_fingerprint(base_dir)
     if ablation.start == "sft":
         if sft_adapter is None:
             raise ConfigError(f"ablation {ablation_name} starts from an SFT adapter; none given")
@@ -639,7 +679,9 @@ def train(
                 ckpt_root, iteration + 1, model, tokenizer, value_head, optimizer,
                 {"seed_cursor": seed_cursor, "history": history, "config_digest": digest, "ablation": ablation_name},
                 {"stage": "ppo", "ablation": ablation_name, "mode": ablation.mode, "plan_cost": args.plan_cost,
-                 "plan_penalty": args.plan_penalty, "env": args.env, "sft_adapter": str(sft_adapter) if sft_adapter else None},
+                 "plan_penalty": args.plan_penalty, "env": args.env, "sft_adapter": str(sft_adapter) if sft_adapter else None,
+                 # what the registry's pyfunc and the SFT checks compare with the base they load
+                 "base_model": params.model.base, "base_fingerprint": base_fp},
             )
             if on_checkpoint is not None:
                 on_checkpoint(checkpoint, iteration + 1, metrics)
