@@ -125,25 +125,30 @@ def main() -> None:
     train_turns = Turns(**{name: getattr(turns_many, name)[keep] for name in Turns.__dataclass_fields__})
     train_turns.dones = [True] * len(train_turns)  # each kept turn closes its (one-step) episode
     messages, texts = messages[keep], texts[keep]
-    # The same update twice: with each row's full prompt (the shared prefix switched off), then as
-    # the trainer runs it, with the turns' common system-prompt prefix computed once per minibatch.
+    # The same update with each row's full prompt (the shared prefix switched off) and as the
+    # trainer runs it (the turns' common system-prompt prefix computed once per minibatch),
+    # interleaved twice so that warm-up and load drift fall on both alike; times are summed.
     saved_min = ppo.MIN_SHARED_PREFIX
-    ppo.MIN_SHARED_PREFIX = 10**9
-    try:
-        stats_full = update(model, value_head, optimizer, train_turns, params.ppo, ABLATIONS["base"], pad_id=pad_id, iteration=0)
-    finally:
-        ppo.MIN_SHARED_PREFIX = saved_min
-    stats = update(model, value_head, optimizer, train_turns, params.ppo, ABLATIONS["base"], pad_id=pad_id, iteration=1)
-    ppo_tps = stats["perf/update_tokens_per_s"]
-    full_tps = stats_full["perf/update_tokens_per_s"]
-    full_tps_with_scoring = stats_full["perf/update_tokens"] / (stats_full["perf/update_s"] + stats_full["perf/score_s"])
-    ppo_tps_with_scoring = stats["perf/update_tokens"] / (stats["perf/update_s"] + stats["perf/score_s"])
+    totals = {False: [0.0, 0.0, 0], True: [0.0, 0.0, 0]}  # update_s, score_s, tokens
+    for iteration, shared in enumerate((False, True, False, True)):
+        ppo.MIN_SHARED_PREFIX = saved_min if shared else 10**9
+        try:
+            run = update(model, value_head, optimizer, train_turns, params.ppo, ABLATIONS["base"], pad_id=pad_id, iteration=iteration)
+        finally:
+            ppo.MIN_SHARED_PREFIX = saved_min
+        for i, key in enumerate(("perf/update_s", "perf/score_s", "perf/update_tokens")):
+            totals[shared][i] += run[key]
+    stats = {"perf/update_s": totals[True][0], "perf/score_s": totals[True][1], "perf/update_tokens": totals[True][2]}
+    ppo_tps = totals[True][2] / totals[True][0]
+    ppo_tps_with_scoring = totals[True][2] / (totals[True][0] + totals[True][1])
+    full_tps = totals[False][2] / totals[False][0]
+    full_tps_with_scoring = totals[False][2] / (totals[False][0] + totals[False][1])
     sft_fp32 = sft_tokens_per_second(params, model_dir, messages, texts, args.sft_steps, bf16=False)
     sft_bf16 = sft_tokens_per_second(params, model_dir, messages, texts, args.sft_steps, bf16=True) if args.bf16 else None
 
     many_tps, one_tps = len(turns_many) / t_many, len(turns_one) / t_one
     # An iteration's wall time: its rollout plus scoring and updating all of its turns.
-    per_turn = (stats["perf/score_s"] + stats["perf/update_s"]) / len(train_turns)
+    per_turn = (stats["perf/score_s"] + stats["perf/update_s"]) / (2 * len(train_turns))  # two shared updates
     wall = t_many + per_turn * len(turns_many)
     table = Table(title="PPO throughput (one run, same model)")
     for column in ("measure", "value", "ratio"):
