@@ -196,6 +196,7 @@ def serve_cmd(
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
     max_batch: int = typer.Option(32, min=1, help="largest batch of concurrent requests"),
+    enable_lora: bool = typer.Option(False, "--enable-lora", help="accept POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime LoRA API; PPO's openai rollouts use it)"),
 ) -> None:
     """Serve --model (+ --adapter) as an OpenAI-compatible /v1/chat/completions API (vLLM dialect)."""
     for path in model:
@@ -213,7 +214,7 @@ def serve_cmd(
     err_console.print(f"serving {', '.join(map(str, model))} on http://{host}:{port}/v1")
     try:
         serve([str(m) for m in model], None if adapter is None else str(adapter), host=host, port=port,
-              model_name=name, device=device, dtype=dtype, max_batch=max_batch)
+              model_name=name, device=device, dtype=dtype, max_batch=max_batch, enable_lora=enable_lora)
     except AdapterMismatchError as err:
         fail_usage(str(err))
 

@@ -23,7 +23,7 @@ class ServerProcess:
     """`dynaplan serve --model A [--model B ...] --port P` as a subprocess (each model is served
     under its path as given)."""
 
-    def __init__(self, *model_dirs: Path, port: int | None = None):
+    def __init__(self, *model_dirs: Path, port: int | None = None, extra_args: tuple[str, ...] = ()):
         self.model_dirs = [str(d) for d in model_dirs]
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
@@ -31,6 +31,7 @@ class ServerProcess:
         args = [sys.executable, "-m", "dynaplan.cli", "serve", "--port", str(self.port)]
         for d in self.model_dirs:
             args += ["--model", d]
+        args += list(extra_args)
         self.proc = subprocess.Popen(
             args,
             env=env,

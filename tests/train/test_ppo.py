@@ -203,6 +203,38 @@ def test_shared_prefix_forward_equals_one_forward_per_turn(tiny_model_dir):
         torch.testing.assert_close(grad, summed[name], atol=1e-5, rtol=1e-4)
 
 
+def test_openai_rollouts_load_each_updated_adapter_into_a_real_server(tmp_path, tiny_model_dir):
+    """`ppo.rollout_backend: openai` against a real `dynaplan serve --enable-lora` on 127.0.0.1
+    (the CPU stand-in for `vllm serve --enable-lora`): after each update the adapter is saved,
+    loaded through POST /v1/load_lora_adapter and the previous one unloaded; the server's
+    log-probs of its own samples match the trainer's recomputation under the updated weights."""
+    import httpx
+
+    import importlib.util
+    from pathlib import Path
+
+    from dynaplan.train import ppo
+
+    spec = importlib.util.spec_from_file_location("backend_harness", Path(__file__).parents[1] / "models" / "backend_harness.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    server = harness.ServerProcess(tiny_model_dir, extra_args=("--enable-lora",)).wait_ready()
+    try:
+        # A large step so that the second iteration's policy clearly differs from the first.
+        params = _params(iterations=2, rollout_backend="openai", server_url=server.url, learning_rate=0.05)
+        result = ppo.train(params, "base", base_dir=tiny_model_dir, sft_adapter=None, checkpoint_dir=tmp_path / "ck", progress=False)
+        served = {m["id"] for m in httpx.get(f"{server.url}/models").json()["data"]}
+        bad = httpx.post(f"{server.url}/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path / "nope")})
+    finally:
+        server.stop()
+    for row in result.history:
+        assert row["rollout/logprob_max_abs_diff"] < 1e-3, row
+    assert served == {str(tiny_model_dir), "ppo-iter-000001"}  # iteration 0's adapter was unloaded
+    assert bad.status_code == 400 and "adapter_config.json" in bad.text
+    first, second = (_adapter_weights(tmp_path / "ck" / "rollout_adapters" / f"ppo-iter-00000{i}") for i in (0, 1))
+    assert any(not torch.allclose(first[k], second[k]) for k in first)  # the server did get new weights
+
+
 @pytest.fixture
 def tracked(tmp_path, monkeypatch):
     """A project root with its own SQLite MLflow store."""

@@ -4,6 +4,9 @@ machines without a GPU get the same API as `vllm serve` (and the openai backend 
 Speaks the vLLM dialect: logprobs, `return_tokens_as_token_ids`, `return_token_ids`,
 `add_generation_prompt` / `continue_final_message`, `logit_bias`, per-request `seed`. Concurrent
 requests with the same sampling settings are generated as one batch. Binds 127.0.0.1 by default.
+With `enable_lora` (`dynaplan serve --enable-lora`) it also takes vLLM's runtime adapter API,
+`POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter`, which PPO's `openai` rollout backend
+calls after each update: a loaded adapter is served as its own model name on the first model.
 """
 
 from __future__ import annotations
@@ -51,6 +54,14 @@ class ChatRequest(BaseModel):
     return_token_ids: bool = False
 
 
+class LoraRequest(BaseModel):
+    """vLLM's runtime LoRA request body."""
+
+    model_config = ConfigDict(extra="allow")
+    lora_name: str = Field(min_length=1)
+    lora_path: str | None = None
+
+
 class RequestError(ValueError):
     """A request we cannot serve (HTTP 400)."""
 
@@ -80,16 +91,28 @@ class Batcher:
         self._queue.put(job)
         return job.future
 
+    def close(self) -> None:
+        """Finish the queued jobs, then end the worker thread (an unloaded adapter's batcher)."""
+        self._queue.put(None)
+
     def _run(self) -> None:
-        while True:
-            jobs = [self._queue.get()]
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
             deadline = time.monotonic() + self.window_s
             while sum(len(j.requests) for j in jobs) < self.max_batch:
                 timeout = deadline - time.monotonic()
                 try:
-                    jobs.append(self._queue.get(timeout=max(timeout, 0.0)) if timeout > 0 else self._queue.get_nowait())
+                    job = self._queue.get(timeout=max(timeout, 0.0)) if timeout > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
+                if job is None:
+                    stop = True
+                    break
+                jobs.append(job)
             groups: dict[tuple, list[_Job]] = {}
             for job in jobs:
                 groups.setdefault((job.sampling, job.bias_key), []).append(job)
@@ -131,13 +154,15 @@ def _token_repr(backend: HFBackend, token_id: int, as_ids: bool) -> str:
     return f"token_id:{token_id}" if as_ids else backend.tokenizer.decode([token_id])
 
 
-def create_app(backends: dict[str, HFBackend], max_batch: int = 32):
+def create_app(backends: dict[str, HFBackend], max_batch: int = 32, *, enable_lora: bool = False):
     """The app serving each backend under its model name (requests pick one by `model`; a
-    request without `model` goes to the first)."""
+    request without `model` goes to the first). With `enable_lora`, adapters loaded at run time
+    (on the first model) are served under their `lora_name` until unloaded."""
     from fastapi import FastAPI, HTTPException
 
     if not backends:
         raise ValueError("create_app needs at least one backend")
+    backends = dict(backends)  # adapters come and go at run time
     app = FastAPI(title="dynaplan serve", version="1")
     batchers = {name: Batcher(backend, max_batch=max_batch) for name, backend in backends.items()}
     default_name = next(iter(backends))
@@ -155,6 +180,40 @@ def create_app(backends: dict[str, HFBackend], max_batch: int = 32):
                 {"id": name, "object": "model", "created": created, "owned_by": "dynaplan"} for name in backends
             ],
         }
+
+    if enable_lora:
+        lock = threading.Lock()
+        fixed = set(backends)
+
+        @app.post("/v1/load_lora_adapter")
+        def load_lora_adapter(body: LoraRequest) -> dict[str, str]:
+            from pathlib import Path
+
+            from dynaplan.models.hf import AdapterMismatchError
+
+            path = Path(body.lora_path or "")
+            if not (path / "adapter_config.json").is_file():
+                raise HTTPException(400, f"lora_path {body.lora_path!r}: no adapter_config.json there")
+            with lock:
+                if body.lora_name in backends:
+                    raise HTTPException(400, f"an adapter or model named {body.lora_name!r} is already loaded")
+                base = backends[default_name]
+                try:
+                    backend = HFBackend(base.model_dir, str(path), device=str(base.device), dtype=next(base.model.parameters()).dtype)
+                except AdapterMismatchError as err:
+                    raise HTTPException(400, str(err)) from None
+                backends[body.lora_name] = backend
+                batchers[body.lora_name] = Batcher(backend, max_batch=max_batch)
+            return {"status": "ok", "lora_name": body.lora_name}
+
+        @app.post("/v1/unload_lora_adapter")
+        def unload_lora_adapter(body: LoraRequest) -> dict[str, str]:
+            with lock:
+                if body.lora_name in fixed or body.lora_name not in backends:
+                    raise HTTPException(404, f"no loaded adapter named {body.lora_name!r}")
+                del backends[body.lora_name]
+                batchers.pop(body.lora_name).close()
+            return {"status": "ok", "lora_name": body.lora_name}
 
     @app.post("/v1/chat/completions")
     def chat_completions(body: ChatRequest) -> dict[str, Any]:
@@ -230,9 +289,12 @@ def serve(
     device: str = "cpu",
     dtype: str = "float32",
     max_batch: int = 32,
+    enable_lora: bool = False,
 ) -> None:
     """Load the model(s) and serve until interrupted (blocking). Each model is served under its
-    path as given (or `model_name`, one model only); `adapter_dir` needs exactly one model."""
+    path as given (or `model_name`, one model only); `adapter_dir` needs exactly one model;
+    `enable_lora` turns on the runtime adapter API (vLLM's `--enable-lora` and
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING)."""
     import uvicorn
 
     dirs = [model_dirs] if isinstance(model_dirs, str) else list(model_dirs)
@@ -241,5 +303,5 @@ def serve(
     backends = {
         (model_name or str(d)): HFBackend(d, adapter_dir, device=device, dtype=dtype) for d in dirs
     }
-    app = create_app(backends, max_batch=max_batch)
+    app = create_app(backends, max_batch=max_batch, enable_lora=enable_lora)
     uvicorn.run(app, host=host, port=port, log_level="warning")
