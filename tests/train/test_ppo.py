@@ -485,6 +485,7 @@ def test_ppo_raises_the_return_of_a_primed_tiny_model_on_one_step_pogs(tmp_path,
     64 one-step episodes PPO must lift the mean of the last 5 iterations 10 points above the mean
     of the first 2 (H100 run: 13.2, 14.8 first, 29.6 mean of the last 5)."""
     returns = learning_curve(tiny_model_dir, tmp_path)
+    print("mean return per iteration:", " ".join(f"{r:.1f}" for r in returns))  # shown with -s
     start, end = np.mean(returns[:2]), np.mean(returns[-5:])
     assert end >= start + 10, returns
 
@@ -496,6 +497,8 @@ def test_a_high_plan_cost_halves_the_plan_tokens_per_episode(tmp_path, tiny_mode
     end (mean of the last 5 iterations) at least 50% fewer plan tokens per episode
     (H100 run: 4.19 at cost 0 vs 1.18 at cost 0.1)."""
     curves = plan_cost_curves(tiny_model_dir, tmp_path, high_cost=0.1, max_new_tokens=40, kl_coef=0.5, iterations=30)
+    for cost, curve in curves.items():
+        print(f"plan tokens per episode at plan_cost {cost}:", " ".join(f"{x:.2f}" for x in curve))  # shown with -s
     free, charged = np.mean(curves[0.0][-5:]), np.mean(curves[0.1][-5:])
     assert free > 1.0, curves  # without a price the agent still plans
     assert charged <= 0.5 * free, curves
