@@ -165,7 +165,8 @@ def test_recomputed_logprobs_match_the_rollout_before_any_update(tiny_model_dir)
 def test_shared_prefix_forward_equals_one_forward_per_turn(tiny_model_dir):
     """The batch's common prompt prefix runs once: log-probs, entropies, values and the LoRA
     gradients equal those of each turn run alone (where there is no prefix to share)."""
-    from dynaplan.train.ppo import ABLATIONS, MIN_SHARED_PREFIX, ValueHead, load_policy_model, shared_prefix_len, turn_forward
+    from dynaplan.train.ppo import ABLATIONS, ValueHead, load_policy_model, turn_forward
+    from dynaplan.train.prefix import MIN_SHARED_PREFIX, shared_prefix_len
 
     model, _ = load_policy_model(tiny_model_dir, ABLATIONS["base"], None, _params().ppo)
     value_head = ValueHead(64)

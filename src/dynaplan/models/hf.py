@@ -47,11 +47,12 @@ def _cache_keyword() -> str:
     return "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
-_CACHE_KW = _cache_keyword()
+CACHE_KW = _cache_keyword()
 
 
-def _out_cache(out):
-    return getattr(out, _CACHE_KW)
+def output_cache(out):
+    """The cache a forward returned, under whichever name this transformers uses."""
+    return getattr(out, CACHE_KW)
 
 
 @contextlib.contextmanager
@@ -364,7 +365,7 @@ class HFBackend:
         if cache is None:
             ids = torch.tensor([list(key)], dtype=torch.long, device=self.device)
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # fresh cache
-            cache = _out_cache(out)
+            cache = output_cache(out)
             self.stats["prefill_tokens"] += len(key)
             self._prefix_caches[key] = cache
             while len(self._prefix_caches) > self._prefix_cache_entries:
@@ -445,9 +446,9 @@ class HFBackend:
             self.stats["cached_prefix_tokens"] += prefix_len * n
         self.stats["prefill_tokens"] += sum(len(s) for s in suffixes)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{_CACHE_KW: cache}
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{CACHE_KW: cache}
         )
-        cache = _out_cache(out)
+        cache = output_cache(out)
         logits = out.logits[:, -1, :]
         next_pos = positions[:, -1] + 1
 
@@ -514,9 +515,9 @@ class HFBackend:
                 attention_mask=mask,
                 position_ids=next_pos[:, None],
                 use_cache=True,
-                **{_CACHE_KW: cache},
+                **{CACHE_KW: cache},
             )
-            cache = _out_cache(out)
+            cache = output_cache(out)
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dynaplan.config import ConfigError, Params, PpoParams
+from dynaplan.train.prefix import shared_prefix_forward
 
 # Token aggregation (documented choice): every generated token of a turn gets the turn's
 # advantage and its own clipped ratio; the per-token losses are averaged within the turn, then
@@ -202,82 +203,22 @@ class ValueHead(nn.Module):
         return self.linear(hidden).squeeze(-1)
 
 
-def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common token prefix of `prompts`, kept one token short of the
-    shortest prompt (the last prompt token must be in the suffix: its hidden state feeds the
-    value head and its logit predicts the first generated token)."""
-    shortest = min(len(p) for p in prompts)
-    first = prompts[0]
-    n = 0
-    while n < shortest - 1 and all(p[n] == first[n] for p in prompts[1:]):
-        n += 1
-    return n
-
-
-# A shared prefix shorter than this is not worth a separate forward pass.
-MIN_SHARED_PREFIX = 16
-
-
 def turn_forward(model, value_head: ValueHead, prompts, completions, *, temperature: float, pad_id: int):
     """One forward pass over prompt + generated tokens of a batch of turns.
 
     Returns per-token log-probs and entropies of the generated tokens ([B, T], each row's tokens
-    right-aligned, marked by `mask`) and the value at the last prompt token ([B]). Only the
-    generated tokens' positions go through the LM head (the vocabulary is 49k).
-
-    The turns of one iteration share their system prompt (rules + planning instruction, the
-    same tokens in every turn), so the batch's longest common prefix runs once at batch size 1
-    and its keys and values are repeated for every row; the rest of each row (right-padded) runs
-    on top of them. This is the same computation as a full forward per row (gradients flow
-    through the shared prefix once, summed over rows), with the prefix's cost paid once.
+    right-aligned, marked by `mask`) and the value at the last prompt token ([B]). The turns of
+    one iteration share their system prompt, which runs once for the batch
+    (`dynaplan.train.prefix`); only the generated tokens' positions go through the LM head.
     The value head reads a detached hidden state: the critic is a linear probe on the policy's
     features, so a badly scaled return cannot push the LoRA weights around.
     """
-    from dynaplan.models.hf import _CACHE_KW, _out_cache
-
-    batch = len(prompts)
-    prefix = shared_prefix_len(prompts) if batch > 1 else 0
-    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
-    rests = [list(p[prefix:]) + list(c) for p, c in zip(prompts, completions)]
-    seq_len, gen_len = max(len(r) for r in rests), max(1, max(len(c) for c in completions))
-    input_ids = torch.full((batch, seq_len), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, prefix + seq_len), dtype=torch.long)
-    attention_mask[:, :prefix] = 1
-    targets = torch.full((batch, gen_len), pad_id, dtype=torch.long)
-    mask = torch.zeros((batch, gen_len))
-    # gather[b, t]: the suffix position whose logit predicts target column t (the token before it)
-    gather = torch.zeros((batch, gen_len), dtype=torch.long)
-    last_prompt = torch.zeros(batch, dtype=torch.long)
-    for b, (rest, c) in enumerate(zip(rests, completions)):
-        input_ids[b, : len(rest)] = torch.tensor(rest)
-        attention_mask[b, prefix : prefix + len(rest)] = 1
-        start = len(rest) - len(c)  # first generated token's position in the suffix
-        last_prompt[b] = start - 1
-        if c:
-            targets[b, gen_len - len(c):] = torch.tensor(c)
-            mask[b, gen_len - len(c):] = 1
-            gather[b, gen_len - len(c):] = torch.arange(start - 1, len(rest) - 1)
-    position_ids = (prefix + torch.arange(seq_len)).unsqueeze(0).expand(batch, -1)
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    device = next(causal_lm.parameters()).device
-    decoder = causal_lm.get_decoder()
-    cache = None
-    if prefix:
-        out = decoder(input_ids=torch.tensor([list(prompts[0][:prefix])], device=device), use_cache=True)
-        cache = _out_cache(out)
-        cache.batch_repeat_interleave(batch)
-    hidden = decoder(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-        position_ids=position_ids.to(device), use_cache=prefix > 0, **{_CACHE_KW: cache},
-    ).last_hidden_state
-    rows = torch.arange(batch, device=device).unsqueeze(-1)
-    logits = causal_lm.get_output_embeddings()(hidden[rows, gather.to(device)]).float() / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    mask, targets = mask.to(device), targets.to(device)
-    logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
-    entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
-    values = value_head(hidden[rows.squeeze(-1), last_prompt.to(device)].detach().float())
-    return logprobs, entropy, mask, values
+    out = shared_prefix_forward(model, prompts, completions, pad_id=pad_id)
+    logp_all = torch.log_softmax(out.answer_logits(model) / temperature, dim=-1)
+    logprobs = logp_all.gather(-1, out.targets.unsqueeze(-1)).squeeze(-1) * out.mask
+    entropy = -(logp_all.exp() * logp_all).sum(-1) * out.mask
+    values = value_head(out.prompt_hidden().detach().float())
+    return logprobs, entropy, out.mask, values
 
 
 @contextmanager
