@@ -37,27 +37,41 @@ class StepTimer(TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
 
-def batch_stats(trainer, batches: int) -> tuple[int, int]:
-    """(non-padding tokens, all positions) over the first `batches` training batches."""
-    real = total = 0
+def batch_stats(trainer, batches: int, shared: bool) -> tuple[int, int, int]:
+    """(non-padding tokens, positions the forward computes, tokens) over the first `batches`
+    training batches. With the shared prefix a batch computes its common prefix once plus each
+    row's rest, right-padded to the longest rest."""
+    from dynaplan.train.prefix import MIN_SHARED_PREFIX, shared_prefix_len
+    from dynaplan.train.sft import _labelled_rows
+
+    real = total = tokens = 0
     for i, batch in enumerate(trainer.get_train_dataloader()):
         if i >= batches:
             break
-        if "attention_mask" in batch:
+        rows = _labelled_rows(batch) if shared and "labels" in batch else None
+        prefix = shared_prefix_len(rows[0]) if rows and len(rows[0]) > 1 else 0
+        if prefix >= MIN_SHARED_PREFIX:
+            rests = [len(p) + len(a) - prefix for p, a in zip(*rows)]
+            real += prefix + sum(rests)
+            total += prefix + len(rests) * max(rests)
+            tokens += int(batch["attention_mask"].sum())
+        elif "attention_mask" in batch:
             real += int(batch["attention_mask"].sum())
             total += batch["attention_mask"].numel()
+            tokens += int(batch["attention_mask"].sum())
         else:  # padding-free: one row, no padding
             real += batch["input_ids"].numel()
             total += batch["input_ids"].numel()
-    return real, total
+            tokens += batch["input_ids"].numel()
+    return real, total, tokens
 
 
-def run(trainer, steps: int, patched: bool):
+def run(trainer, steps: int, patched: bool, shared: bool = False):
     from dynaplan.train.sft import score_labelled_positions_only
 
     timer = StepTimer()
     trainer.add_callback(timer)
-    real, total = batch_stats(trainer, steps * trainer.args.gradient_accumulation_steps)
+    real, total, tokens = batch_stats(trainer, steps * trainer.args.gradient_accumulation_steps, shared)
     torch.manual_seed(0)
     if patched:
         with score_labelled_positions_only():
@@ -65,8 +79,9 @@ def run(trainer, steps: int, patched: bool):
     else:
         trainer.train()
     seconds = float(np.sum(np.array(timer.ends[1:]) - np.array(timer.starts[1:])))
-    per_step = real / steps
-    return {"tokens_per_s": per_step * (steps - 1) / seconds, "non_pad_share": real / total, "losses": timer.losses}
+    per_step = tokens / steps  # every row's tokens, the prefix counted once per row (as TRL counts)
+    return {"tokens_per_s": per_step * (steps - 1) / seconds, "non_pad_share": real / total, "losses": timer.losses,
+            "computed_share": total / tokens}
 
 
 def main() -> int:
@@ -83,8 +98,16 @@ def main() -> int:
     from trl import SFTConfig, SFTTrainer
 
     from dynaplan.config import load_params
-    from dynaplan.train.sft import load_base, make_config, make_lora_config, to_dataset
-    from dynaplan.train.sft_data import build_examples, read_rows, sample_rows, split_by_episode
+    from dynaplan.train.sft import (
+        load_base,
+        make_config,
+        make_lora_config,
+        shared_prefix_trainer_class,
+        to_dataset,
+        token_lengths,
+        uses_shared_prefix,
+    )
+    from dynaplan.train.sft_data import build_examples, env_batches, read_rows, sample_rows, split_by_episode
 
     params = load_params()
     overrides = {k: v for k, v in (("grad_accum", args.accum), ("batch_size", args.batch)) if v is not None}
@@ -98,12 +121,15 @@ def main() -> int:
     out = Path("/tmp/dynaplan-sft-bench")
     results = {}
 
-    # Ours: the stage's SFTConfig (padding-free, completion-only, bf16 as in params) and patch.
+    # Ours: the stage's SFTConfig, trainer (shared-prefix loss when params allow), data order and patch.
     model, tokenizer = load_base(model_dir)
     config = make_config(params, out / "ours", has_eval=False)
     config.max_steps, config.save_strategy, config.disable_tqdm, config.logging_steps = args.steps, "no", True, 1
-    ours = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=make_lora_config(params, model.config.num_hidden_layers))
-    results["ours"] = run(ours, args.steps, patched=True)
+    shared = uses_shared_prefix(params)
+    trainer_class = shared_prefix_trainer_class() if shared else SFTTrainer
+    ours_data = to_dataset(env_batches(examples, sft.batch_size, sft.seed, token_lengths(tokenizer, examples))) if shared else dataset
+    ours = trainer_class(model=model, args=config, train_dataset=ours_data, processing_class=tokenizer, peft_config=make_lora_config(params, model.config.num_hidden_layers))
+    results["ours"] = run(ours, args.steps, patched=True, shared=shared)
     del ours, model
 
     # Plain: what the TRL docs show, same hyper-parameters, TRL's defaults otherwise.
@@ -123,9 +149,10 @@ def main() -> int:
     del plain, model
 
     print(f"model {model_dir}, {len(examples)} examples, batch {sft.batch_size} x accum {sft.grad_accum}, "
-          f"{args.steps} steps (first dropped), bf16={sft.bf16}, torch threads {torch.get_num_threads()}")
+          f"{args.steps} steps (first dropped), bf16={sft.bf16}, shared prefix={shared}, torch threads {torch.get_num_threads()}")
     for name, r in results.items():
-        print(f"  {name:6s} {r['tokens_per_s']:8.1f} tokens/s   non-padding share {r['non_pad_share']:.1%}   losses {np.round(r['losses'], 3).tolist()}")
+        print(f"  {name:6s} {r['tokens_per_s']:8.1f} tokens/s   non-padding share {r['non_pad_share']:.1%}   "
+              f"positions computed per token {r['computed_share']:.2f}   losses {np.round(r['losses'], 3).tolist()}")
     ratio = results["ours"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
     print(f"throughput ratio ours/plain: {ratio:.2f}x (target >= 0.95x); our non-padding share "
           f"{results['ours']['non_pad_share']:.1%} (target >= 90%)")

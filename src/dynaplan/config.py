@@ -104,6 +104,8 @@ class EvaluateParams(Section):
     best_of: int = Field(2, ge=1, le=1000, description="attempts per seed in the best-of-N evaluations")
     best_of_episodes: int = Field(1, ge=1, le=100_000, description="held-out seeds of the best-of-N evaluations (each played best_of times)")
     sft_episodes: int = Field(8, ge=1, le=100_000, description="held-out seeds of the SFT students' evaluations (evaluate_sft@<variant>)")
+    sft_max_steps: int = Field(8, ge=1, description="cap on steps per episode of the SFT students' evaluations and of the capped random baseline they are compared with")
+    sft_max_new_tokens: int = Field(24, ge=1, le=8192, description="cap on answer tokens in the SFT students' evaluations (room for a teacher-length plan: ~60 tokens)")
     plans_file: str = Field("plans/crafter_human.yaml", min_length=1, description="human plans (YAML list of {plan, until}) for the steered best-of-N evaluation")
 
     @model_validator(mode="after")
@@ -188,6 +190,7 @@ class SftParams(Section):
     batch_size: int = Field(1, ge=1, description="sequences per forward pass (per device); 1 on the CPU: no padding, attention per sequence")
     grad_accum: int = Field(8, ge=1, description="forward passes per optimizer step")
     max_seq_len: int = Field(2048, ge=32, description="longest prompt + completion in tokens; a longer example is an error, never truncated")
+    shared_prefix: bool = Field(True, description="batches hold one env's steps and their common system prompt runs once per batch (exact; dynaplan.train.prefix). Needs batch_size > 1, one process and no gradient checkpointing, else TRL's own loss runs")
     padding_free: bool = Field(False, description="flatten each batch into one sequence (exact: block-diagonal attention from position ids; with SDPA the mask spans the whole batch, so use it with flash_attention_2)")
     bf16: bool = Field(False, description="bfloat16 autocast; weights and optimizer state stay float32. On for GPUs and CPUs with native bf16 (AVX512-BF16/AMX); on AVX2-only CPUs it is emulated and measured 7x slower")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (GPU memory); slower")
@@ -201,6 +204,7 @@ class SftParams(Section):
     register_checkpoints: bool = Field(True, description="register every saved checkpoint as a dynaplan-agent version, not just the final adapter")
     eval_max_new_tokens: int = Field(64, ge=1, description="cap on greedy answer tokens in the held-out metrics")
     eval_batch_size: int = Field(8, ge=1, description="prompts per batch for greedy answers and KL")
+    eval_samples: int = Field(4, ge=0, description="answers sampled per held-out prompt at evaluate.temperature/top_p for the sampled format validity and plan rate; 0 = greedy only")
 
 
 class Params(Section):

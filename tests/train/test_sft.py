@@ -127,6 +127,81 @@ def test_padding_free_and_labelled_only_scoring_give_the_padded_loss(teacher_dat
     assert loss_compact.item() == pytest.approx(loss_padded.item(), rel=1e-5)
 
 
+def test_env_batches_keep_one_env_per_batch_in_a_seeded_order(teacher_data):
+    from dynaplan.train.sft_data import env_batches
+
+    examples = build_examples(read_table(teacher_data / "data" / "teacher").to_pylist(), "dynamic")
+    ordered = env_batches(examples, 4, seed=0)
+    assert sorted(map(id, ordered)) == sorted(map(id, examples))  # a permutation
+    batches = [ordered[i : i + 4] for i in range(0, len(ordered), 4)]
+    mixed = [b for b in batches if len({ex.env for ex in b}) > 1]
+    assert len(mixed) <= 1  # only where one env's steps run into the next env's
+    assert {ex.env for ex in batches[0]} != {ex.env for ex in batches[-1]} or len(batches[-1]) == 4
+    assert env_batches(examples, 4, seed=0) == ordered and env_batches(examples, 4, seed=1) != ordered
+    assert len(batches[-1]) == len(examples) % 4 or len(examples) % 4 == 0  # a short batch stays last
+
+
+def test_shared_prefix_loss_equals_trls_loss_and_gradients(teacher_data, tiny_model_dir, monkeypatch):
+    """The SFT loss that runs a batch's common system prompt once gives TRL's own loss, LoRA
+    gradients and logged metrics on the same collated batch."""
+    import torch
+    from trl import SFTTrainer
+
+    from dynaplan.train.prefix import MIN_SHARED_PREFIX, shared_prefix_len
+    from dynaplan.train.sft import (
+        _labelled_rows,
+        load_base,
+        load_data,
+        make_config,
+        make_lora_config,
+        prefix_groups,
+        shared_prefix_trainer_class,
+        to_dataset,
+    )
+
+    params = parse_params({"sft": {**TINY_SFT, "lora": {**TINY_SFT["lora"], "dropout": 0.0}}})
+    data = load_data(params, "dynamic", _paths(teacher_data, tiny_model_dir))
+    # a batch that spans both envs: one shared forward per system prompt
+    mixed = [ex for ex in data.train if ex.env == "crafter"][:3] + [ex for ex in data.train if ex.env == "pogs"][:2]
+    model, tokenizer = load_base(tiny_model_dir)
+    trainer = shared_prefix_trainer_class()(
+        model=model,
+        args=make_config(params, teacher_data / "shared-prefix", has_eval=False),
+        train_dataset=to_dataset(mixed),
+        processing_class=tokenizer,
+        peft_config=make_lora_config(params),
+    )
+    torch.manual_seed(0)
+    for name, param in trainer.model.named_parameters():
+        if "lora_B" in name:  # zero at init, which would leave every lora_A gradient zero
+            torch.nn.init.normal_(param, std=0.02)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(5)])
+    prompts, answers = _labelled_rows(batch)
+    assert prefix_groups(prompts) == [[0, 1, 2], [3, 4]] and all(answers)
+    assert all(shared_prefix_len([prompts[i] for i in g]) >= MIN_SHARED_PREFIX for g in prefix_groups(prompts))
+    trainer.model.train()
+
+    def loss_and_grads(compute):
+        trainer.model.zero_grad()
+        loss = compute(trainer, trainer.model, dict(batch), num_items_in_batch=torch.tensor(40))
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    trl_loss, trl_grads = loss_and_grads(SFTTrainer.compute_loss)
+    trl_metrics = {k: list(v) for k, v in trainer._metrics["train"].items()}
+    ours = type(trainer).compute_loss
+    monkeypatch.setattr(SFTTrainer, "compute_loss", lambda *a, **k: pytest.fail("fell back to TRL's loss"))
+    ours_loss, ours_grads = loss_and_grads(ours)
+    assert ours_loss == pytest.approx(trl_loss, rel=1e-5)
+    assert trl_grads.keys() == ours_grads.keys() and len(ours_grads) > 0
+    for name, grad in trl_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, atol=1e-5, rtol=1e-4)
+    for key in ("entropy", "mean_token_accuracy"):
+        assert trainer._metrics["train"][key][-1] == pytest.approx(trl_metrics[key][-1], rel=1e-4)
+    # the token count TRL's tokens/s uses: every row's real tokens, counted once per batch each time
+    assert trainer._total_train_tokens == 2 * int(batch["attention_mask"].sum())
+
+
 # ---- bad input is caught before training ----------------------------------------------------------
 
 
@@ -206,7 +281,8 @@ def test_stage_logs_per_step_metrics_and_writes_the_metrics_file(tracked_run, te
     _, _, out = tracked_run
     written = json.loads((teacher_data / "metrics" / "sft-dynamic.json").read_text())
     assert written["model_uri"] == out["model_uri"] and written["global_step"] == 4
-    for key in ("heldout_loss", "kl_to_base", "action_accuracy", "format_valid", "plan_rate", "teacher_plan_rate"):
+    for key in ("heldout_loss", "kl_to_base", "action_accuracy", "format_valid", "plan_rate", "teacher_plan_rate",
+                "sampled_format_valid", "sampled_plan_rate", "sampled_action_accuracy"):
         assert isinstance(written[key], float)
     assert written["kl_to_base"] > 0  # the adapter moved the model away from its base
     client = mlflow.MlflowClient()

@@ -29,6 +29,7 @@ from dynaplan.train.sft_data import (
     SftInputError,
     build_examples,
     check_validated,
+    env_batches,
     read_rows,
     sample_rows,
     split_by_episode,
@@ -190,6 +191,8 @@ def make_config(params: Params, output_dir: Path, has_eval: bool):
         per_device_train_batch_size=sft.batch_size,
         per_device_eval_batch_size=sft.eval_batch_size,
         gradient_accumulation_steps=sft.grad_accum,
+        # With the shared-prefix loss the data arrive in env-grouped batches (env_batches).
+        train_sampling_strategy="sequential" if uses_shared_prefix(params) else "random",
         # Loss on the answer only; the prompt is context (TRL's prompt-completion format).
         completion_only_loss=True,
         # Padding-free flattens a batch into one row; transformers derives a block-diagonal mask from
@@ -258,6 +261,84 @@ def score_labelled_positions_only():
         yield
     finally:
         trl_utils._use_triton = original
+
+
+def _labelled_rows(inputs: dict) -> tuple[list[list[int]], list[list[int]]] | None:
+    """(prompt ids, answer ids) of each row of a collated, right-padded batch: the answer is the
+    labelled run at the end of the row. None when a row does not look like that (then TRL's own
+    loss runs)."""
+    labels, ids, attention = inputs["labels"].tolist(), inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()
+    prompts, answers = [], []
+    for row_labels, row_ids, row_mask in zip(labels, ids, attention):
+        length = int(sum(row_mask))
+        marked = [i for i, label in enumerate(row_labels) if label != -100]
+        if not marked or marked != list(range(marked[0], length)) or row_labels[marked[0]:length] != row_ids[marked[0]:length]:
+            return None
+        prompts.append(row_ids[: marked[0]])
+        answers.append(row_ids[marked[0]:length])
+    return prompts, answers
+
+
+def prefix_groups(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Row indices grouped by a common prefix worth sharing (in practice: by env, whose system
+    prompts differ), in first-seen order; a row that shares nothing is a group of its own."""
+    from dynaplan.train.prefix import MIN_SHARED_PREFIX
+
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(tuple(prompt[:MIN_SHARED_PREFIX]) if len(prompt) > MIN_SHARED_PREFIX else (-1 - i,), []).append(i)
+    return list(groups.values())
+
+
+def shared_prefix_trainer_class():
+    """TRL's SFTTrainer whose training loss runs the batch's common system prompt once
+    (`dynaplan.train.prefix`): the same loss, gradients and logged metrics (entropy, token
+    accuracy, token count) as TRL's own `compute_loss` on the same batch (tested); everything
+    else (collation, masking, accumulation, checkpoints, resume) is TRL's. A batch whose rows
+    start with different system prompts runs one shared forward per prompt. Evaluation, one-row
+    batches and batches where no two rows share a prefix take TRL's path."""
+    from trl import SFTTrainer
+
+    from dynaplan.train.prefix import shared_prefix_forward
+
+    class SharedPrefixSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            rows = None
+            if self.model.training and not return_outputs and {"labels", "attention_mask"} <= set(inputs):
+                rows = _labelled_rows(inputs)
+            groups = prefix_groups(rows[0]) if rows is not None and len(rows[0]) > 1 else []
+            if not any(len(g) > 1 for g in groups):
+                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            pad_id = self.processing_class.pad_token_id
+            nll = valid = entropy = correct = 0.0
+            for group in groups:  # one forward per system prompt (a batch that spans two envs: two)
+                out = shared_prefix_forward(
+                    model, [rows[0][i] for i in group], [rows[1][i] for i in group], pad_id=pad_id if pad_id is not None else 0
+                )
+                logp_all = torch.log_softmax(out.answer_logits(model), dim=-1)
+                nll = nll - (logp_all.gather(-1, out.targets.unsqueeze(-1)).squeeze(-1) * out.mask).sum()
+                with torch.no_grad():  # TRL's training metrics, over the same answer tokens
+                    valid += out.mask.sum().item()
+                    entropy += (-(logp_all.exp() * logp_all).sum(-1) * out.mask).sum().item()
+                    correct += ((logp_all.argmax(-1) == out.targets).float() * out.mask).sum().item()
+            num_tokens = valid if num_items_in_batch is None else num_items_in_batch
+            loss = nll / torch.as_tensor(num_tokens).clamp(min=1)
+            self._metrics["train"]["entropy"].append(entropy / valid if valid > 0 else 0.0)
+            self._metrics["train"]["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
+            self._total_train_tokens += int(inputs["attention_mask"].sum().item())
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    return SharedPrefixSFTTrainer
+
+
+def uses_shared_prefix(params: Params) -> bool:
+    """The shared-prefix loss applies: asked for, 2+ rows per batch, one process (it calls the
+    model's decoder directly, which DDP would not see), no gradient checkpointing (no cache)."""
+    from accelerate import PartialState
+
+    sft = params.sft
+    return sft.shared_prefix and sft.batch_size > 1 and not sft.gradient_checkpointing and PartialState().num_processes == 1
 
 
 def _trainer_callbacks(log: LogFn | None, on_checkpoint: CheckpointFn | None, adapter_meta: dict):
@@ -366,10 +447,18 @@ def run_sft(
     }
 
     # 2. The trainer: TRL does tokenization, masking, batching, accumulation, checkpoints.
-    trainer = SFTTrainer(
+    shared = uses_shared_prefix(params)
+    config = make_config(params, paths.checkpoint_dir, has_eval=bool(data.heldout))
+    train_examples = data.train
+    if shared:
+        # One env per batch (one system prompt to share), in a seeded order the trainer keeps,
+        # so a resumed run skips exactly the batches it had trained on (make_config: sequential).
+        train_examples = env_batches(data.train, sft.batch_size, sft.seed, lengths=lengths[: len(data.train)])
+    trainer_class = shared_prefix_trainer_class() if shared else SFTTrainer
+    trainer = trainer_class(
         model=model,
-        args=make_config(params, paths.checkpoint_dir, has_eval=bool(data.heldout)),
-        train_dataset=to_dataset(data.train),
+        args=config,
+        train_dataset=to_dataset(train_examples),
         eval_dataset=to_dataset(data.heldout) if sft.eval_steps > 0 else None,
         processing_class=tokenizer,
         peft_config=make_lora_config(params, model.config.num_hidden_layers),
@@ -481,42 +570,63 @@ def completion_stats(model, tokenizer, examples: Sequence[SftExample], batch_siz
     }
 
 
-def greedy_answers(model, tokenizer, prompts: Sequence[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers through the hf backend (the decode loop evaluation and PPO use)."""
+def sample_answers(
+    model, tokenizer, prompts: Sequence[list[dict]], max_new_tokens: int, batch_size: int,
+    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+) -> list[str]:
+    """Answers through the hf backend (the decode loop evaluation and PPO use): greedy at
+    temperature 0, else sampled as evaluation samples."""
     from dynaplan.models.base import GenerationRequest, SamplingParams
     from dynaplan.models.hf import HFBackend
 
     backend = HFBackend.from_model(model, tokenizer, max_batch_size=batch_size)
-    sampling = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
-    return [g.text for g in backend.generate([GenerationRequest(messages=list(p)) for p in prompts], sampling, seed=0)]
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    return [g.text for g in backend.generate([GenerationRequest(messages=list(p)) for p in prompts], sampling, seed=seed)]
+
+
+def answer_scores(answers: Sequence[str], examples: Sequence[SftExample], actions: dict[str, tuple[str, ...]]) -> dict:
+    """Action accuracy against the teacher, strict format validity and plan rate of answers."""
+    parsed = [parse_output(text, actions[ex.env]) for text, ex in zip(answers, examples)]
+    return {
+        "action_accuracy": float(np.mean([p.action == ex.action for p, ex in zip(parsed, examples)])),
+        "format_valid": float(np.mean([p.valid for p in parsed])),
+        "plan_rate": float(np.mean([text.lstrip().startswith(PLAN_OPEN) for text in answers])),
+    }
 
 
 def heldout_metrics(model, tokenizer, examples: Sequence[SftExample], params: Params) -> dict:
-    """Held-out loss, KL to base, and greedy answers scored against the teacher: next-action
-    accuracy, format validity (the strict protocol), plan rate (student vs teacher)."""
+    """Held-out loss, KL to base, and answers scored against the teacher: next-action accuracy,
+    format validity (the strict protocol) and plan rate (student vs teacher), of greedy answers
+    and of `sft.eval_samples` answers per prompt sampled as evaluation samples
+    (evaluate.temperature, top_p): a plan taken at random intervals is a coin the student must
+    learn to toss, which greedy decoding never shows."""
     sft = params.sft
     stats = completion_stats(model, tokenizer, examples, sft.eval_batch_size)
-    answers = greedy_answers(model, tokenizer, [ex.prompt for ex in examples], sft.eval_max_new_tokens, sft.eval_batch_size)
+    prompts = [ex.prompt for ex in examples]
+    answers = sample_answers(model, tokenizer, prompts, sft.eval_max_new_tokens, sft.eval_batch_size)
     actions = {env: _action_names(env, params) for env in {ex.env for ex in examples}}
-    parsed = [parse_output(text, actions[ex.env]) for text, ex in zip(answers, examples)]
-    student_plans = [text.lstrip().startswith(PLAN_OPEN) for text in answers]
     per_env = {}
     for env in sorted(actions):
         idx = [i for i, ex in enumerate(examples) if ex.env == env]
         per_env[env] = {
-            "action_accuracy": float(np.mean([parsed[i].action == examples[i].action for i in idx])),
-            "format_valid": float(np.mean([parsed[i].valid for i in idx])),
-            "plan_rate": float(np.mean([student_plans[i] for i in idx])),
+            **answer_scores([answers[i] for i in idx], [examples[i] for i in idx], actions),
             "teacher_plan_rate": float(np.mean([examples[i].planned for i in idx])),
             "examples": len(idx),
         }
+    sampled = {}
+    if sft.eval_samples:
+        repeated = [ex for ex in examples for _ in range(sft.eval_samples)]
+        drawn = sample_answers(
+            model, tokenizer, [ex.prompt for ex in repeated], sft.eval_max_new_tokens, sft.eval_batch_size,
+            temperature=params.evaluate.temperature, top_p=params.evaluate.top_p, seed=sft.seed,
+        )
+        sampled = {f"sampled_{k}": v for k, v in answer_scores(drawn, repeated, actions).items()}
     return {
         "heldout_loss": stats["loss"],
         "kl_to_base": stats["kl_to_base"],
         "kl_to_base_per_answer": stats["kl_to_base_per_answer"],
-        "action_accuracy": float(np.mean([p.action == ex.action for p, ex in zip(parsed, examples)])),
-        "format_valid": float(np.mean([p.valid for p in parsed])),
-        "plan_rate": float(np.mean(student_plans)),
+        **answer_scores(answers, examples, actions),
+        **sampled,
         "plan_prob": stats["plan_prob"],
         "base_plan_prob": stats["base_plan_prob"],
         "teacher_plan_rate": float(np.mean([ex.planned for ex in examples])),

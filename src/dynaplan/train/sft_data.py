@@ -137,3 +137,28 @@ def sample_rows(rows: Sequence[dict], count: int, seed: int) -> list[dict]:
         return list(rows)
     index = sorted(np.random.default_rng(seed).choice(len(rows), size=count, replace=False).tolist())
     return [rows[i] for i in index]
+
+
+def env_batches(
+    examples: Sequence[SftExample], batch_size: int, seed: int, lengths: Sequence[int] | None = None, window: int = 8
+) -> list[SftExample]:
+    """`examples` reordered so that consecutive runs of `batch_size` hold one env's steps (they
+    share a system prompt), in a seeded random order of batches. Each env's steps are shuffled;
+    with `lengths` (tokens per example), each run of `window` batches is sorted by length before
+    it is cut, so a batch's rows need little padding (as transformers' LengthGroupedSampler
+    does). Then the full batches are shuffled; only the batch where one env's list runs into
+    the next can mix envs. The same examples, lengths and seed give the same order."""
+    rng = np.random.default_rng(seed)
+    size = {id(ex): n for ex, n in zip(examples, lengths)} if lengths is not None else None
+    flat: list[SftExample] = []
+    for env in sorted({ex.env for ex in examples}):
+        group = [ex for ex in examples if ex.env == env]
+        group = [group[i] for i in rng.permutation(len(group))]
+        if size is not None:
+            span = batch_size * window
+            group = [ex for i in range(0, len(group), span) for ex in sorted(group[i : i + span], key=lambda e: -size[id(e)])]
+        flat.extend(group)
+    full = len(flat) // batch_size
+    batches = [flat[i * batch_size : (i + 1) * batch_size] for i in range(full)]
+    # A short last batch stays last: anywhere else it would shift every batch after it.
+    return [ex for b in rng.permutation(full) for ex in batches[b]] + flat[full * batch_size :]
