@@ -27,13 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=None, help="held-out seeds (default: evaluate.episodes or baseline_episodes)")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="cap on steps per episode (default: evaluate.crafter_max_steps for LLM Crafter runs, else the env's own)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="cap on answer tokens (default: evaluate.max_new_tokens)")
     args = parser.parse_args(argv)
     try:
         params = load_params()
         spec = spec_from_params(
             params, name=args.name, policy=args.policy, env=args.env, model=args.model, adapter=args.adapter,
             mode=args.mode, k=args.k, plans=args.plans, best_of=args.best_of, episodes=args.episodes,
-            max_steps=args.max_steps,
+            max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
         )
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -57,10 +57,10 @@ def test_evaluate_rejects_bad_options_with_exit_code_2(project):
 
 def test_the_stage_caps_a_baseline_at_max_steps_on_the_sft_seeds(project):
     """`evaluate_random_capped`: the random agent on evaluate.sft_episodes seeds, capped at
-    evaluate.crafter_max_steps, so it compares with the capped SFT evaluations."""
+    evaluate.sft_max_steps, so it compares with the capped SFT evaluations."""
     from tasks import evaluate as evaluate_task
 
-    (project / "params.yaml").write_text("evaluate:\n  sft_episodes: 2\n  crafter_max_steps: 3\n")
+    (project / "params.yaml").write_text("evaluate:\n  sft_episodes: 2\n  sft_max_steps: 3\n")
     code = evaluate_task.main(["--name", "random-capped", "--policy", "random", "--env", "crafter",
                                "--episodes", "2", "--max-steps", "3"])
     assert code == 0
