@@ -98,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dynaplan.config import load_params, parse_params
-    from dynaplan.train import ppo
+    from dynaplan.train import prefix
     from dynaplan.train.ppo import ABLATIONS, Turns, ValueHead, load_policy_model, update
 
     model_dir = resolve_model(args.model)
@@ -128,14 +128,14 @@ def main() -> None:
     # The same update with each row's full prompt (the shared prefix switched off) and as the
     # trainer runs it (the turns' common system-prompt prefix computed once per minibatch),
     # interleaved twice so that warm-up and load drift fall on both alike; times are summed.
-    saved_min = ppo.MIN_SHARED_PREFIX
+    saved_min = prefix.MIN_SHARED_PREFIX
     totals = {False: [0.0, 0.0, 0], True: [0.0, 0.0, 0]}  # update_s, score_s, tokens
     for iteration, shared in enumerate((False, True, False, True)):
-        ppo.MIN_SHARED_PREFIX = saved_min if shared else 10**9
+        prefix.MIN_SHARED_PREFIX = saved_min if shared else 10**9
         try:
             run = update(model, value_head, optimizer, train_turns, params.ppo, ABLATIONS["base"], pad_id=pad_id, iteration=iteration)
         finally:
-            ppo.MIN_SHARED_PREFIX = saved_min
+            prefix.MIN_SHARED_PREFIX = saved_min
         for i, key in enumerate(("perf/update_s", "perf/score_s", "perf/update_tokens")):
             totals[shared][i] += run[key]
     stats = {"perf/update_s": totals[True][0], "perf/score_s": totals[True][1], "perf/update_tokens": totals[True][2]}
