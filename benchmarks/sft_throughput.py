@@ -42,13 +42,13 @@ def batch_stats(trainer, batches: int, shared: bool) -> tuple[int, int, int]:
     training batches. With the shared prefix a batch computes its common prefix once plus each
     row's rest, right-padded to the longest rest."""
     from dynaplan.train.prefix import MIN_SHARED_PREFIX, shared_prefix_len
-    from dynaplan.train.sft import _labelled_rows
+    from dynaplan.train.sft import labelled_rows
 
     real = total = tokens = 0
     for i, batch in enumerate(trainer.get_train_dataloader()):
         if i >= batches:
             break
-        rows = _labelled_rows(batch) if shared and "labels" in batch else None
+        rows = labelled_rows(batch) if shared and "labels" in batch else None
         prefix = shared_prefix_len(rows[0]) if rows and len(rows[0]) > 1 else 0
         if prefix >= MIN_SHARED_PREFIX:
             rests = [len(p) + len(a) - prefix for p, a in zip(*rows)]

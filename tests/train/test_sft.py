@@ -149,7 +149,7 @@ def test_shared_prefix_loss_equals_trls_loss_and_gradients(teacher_data, tiny_mo
 
     from dynaplan.train.prefix import MIN_SHARED_PREFIX, shared_prefix_len
     from dynaplan.train.sft import (
-        _labelled_rows,
+        labelled_rows,
         load_base,
         load_data,
         make_config,
@@ -176,7 +176,7 @@ def test_shared_prefix_loss_equals_trls_loss_and_gradients(teacher_data, tiny_mo
         if "lora_B" in name:  # zero at init, which would leave every lora_A gradient zero
             torch.nn.init.normal_(param, std=0.02)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(5)])
-    prompts, answers = _labelled_rows(batch)
+    prompts, answers = labelled_rows(batch)
     assert prefix_groups(prompts) == [[0, 1, 2], [3, 4]] and all(answers)
     assert all(shared_prefix_len([prompts[i] for i in g]) >= MIN_SHARED_PREFIX for g in prefix_groups(prompts))
     trainer.model.train()

@@ -263,7 +263,7 @@ def score_labelled_positions_only():
         trl_utils._use_triton = original
 
 
-def _labelled_rows(inputs: dict) -> tuple[list[list[int]], list[list[int]]] | None:
+def labelled_rows(inputs: dict) -> tuple[list[list[int]], list[list[int]]] | None:
     """(prompt ids, answer ids) of each row of a collated, right-padded batch: the answer is the
     labelled run at the end of the row. None when a row does not look like that (then TRL's own
     loss runs)."""
@@ -305,7 +305,7 @@ def shared_prefix_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             rows = None
             if self.model.training and not return_outputs and {"labels", "attention_mask"} <= set(inputs):
-                rows = _labelled_rows(inputs)
+                rows = labelled_rows(inputs)
             groups = prefix_groups(rows[0]) if rows is not None and len(rows[0]) > 1 else []
             if not any(len(g) > 1 for g in groups):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
