@@ -51,7 +51,6 @@ class PrefixForward:
     targets: torch.Tensor
     mask: torch.Tensor
     last_prompt: torch.Tensor
-    prefix_len: int
 
     def answer_hidden(self) -> torch.Tensor:
         """[B, G, H]: the hidden states that predict the answer tokens."""
@@ -78,17 +77,15 @@ def shared_prefix_forward(
     completions: Sequence[Sequence[int]],
     *,
     pad_id: int,
-    min_prefix: int | None = None,
 ) -> PrefixForward:
     """One forward over prompt + answer tokens of a batch, the common prefix computed once
-    (when it is at least `min_prefix` tokens, default MIN_SHARED_PREFIX, and the batch has 2+
+    (when it is at least MIN_SHARED_PREFIX tokens, read at call time, and the batch has 2+
     rows). `model` is a causal LM, a PEFT model around one included (adapters stay active)."""
     from dynaplan.models.hf import CACHE_KW, output_cache
 
     batch = len(prompts)
-    threshold = MIN_SHARED_PREFIX if min_prefix is None else min_prefix
     prefix = shared_prefix_len(prompts) if batch > 1 else 0
-    prefix = prefix if prefix >= threshold else 0
+    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
     rests = [list(p[prefix:]) + list(c) for p, c in zip(prompts, completions)]
     seq_len, gen_len = max(len(r) for r in rests), max(1, max(len(c) for c in completions))
     input_ids = torch.full((batch, seq_len), pad_id, dtype=torch.long)
@@ -126,5 +123,4 @@ def shared_prefix_forward(
         targets=targets.to(device),
         mask=mask.to(device),
         last_prompt=last_prompt.to(device),
-        prefix_len=prefix,
     )
