@@ -39,30 +39,35 @@ class StepTimer(TrainerCallback):
 
 def batch_stats(trainer, batches: int, shared: bool) -> tuple[int, int, int]:
     """(non-padding tokens, positions the forward computes, tokens) over the first `batches`
-    training batches. With the shared prefix a batch computes its common prefix once plus each
-    row's rest, right-padded to the longest rest."""
+    training batches. With the shared prefix each group of rows with one system prompt (as the
+    trainer groups them) computes its common prefix once plus each row's rest, right-padded to
+    the group's longest rest."""
     from dynaplan.train.prefix import MIN_SHARED_PREFIX, shared_prefix_len
-    from dynaplan.train.sft import labelled_rows
+    from dynaplan.train.sft import labelled_rows, prefix_groups
 
     real = total = tokens = 0
     for i, batch in enumerate(trainer.get_train_dataloader()):
         if i >= batches:
             break
-        rows = labelled_rows(batch) if shared and "labels" in batch else None
-        prefix = shared_prefix_len(rows[0]) if rows and len(rows[0]) > 1 else 0
-        if prefix >= MIN_SHARED_PREFIX:
-            rests = [len(p) + len(a) - prefix for p, a in zip(*rows)]
-            real += prefix + sum(rests)
-            total += prefix + len(rests) * max(rests)
-            tokens += int(batch["attention_mask"].sum())
-        elif "attention_mask" in batch:
-            real += int(batch["attention_mask"].sum())
-            total += batch["attention_mask"].numel()
-            tokens += int(batch["attention_mask"].sum())
-        else:  # padding-free: one row, no padding
+        if "attention_mask" not in batch:  # padding-free: one row, no padding
             real += batch["input_ids"].numel()
             total += batch["input_ids"].numel()
             tokens += batch["input_ids"].numel()
+            continue
+        tokens += int(batch["attention_mask"].sum())
+        rows = labelled_rows(batch) if shared and "labels" in batch else None
+        groups = prefix_groups(rows[0]) if rows and len(rows[0]) > 1 else []
+        if not any(len(g) > 1 for g in groups):  # the trainer runs TRL's padded forward
+            real += int(batch["attention_mask"].sum())
+            total += batch["attention_mask"].numel()
+            continue
+        for group in groups:
+            lengths = [len(rows[0][j]) + len(rows[1][j]) for j in group]
+            prefix = shared_prefix_len([rows[0][j] for j in group]) if len(group) > 1 else 0
+            prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+            rests = [n - prefix for n in lengths]
+            real += prefix + sum(rests)
+            total += prefix + len(rests) * max(rests)
     return real, total, tokens
 
 
