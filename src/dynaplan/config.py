@@ -191,6 +191,7 @@ class SftParams(Section):
     grad_accum: int = Field(8, ge=1, description="forward passes per optimizer step")
     max_seq_len: int = Field(2048, ge=32, description="longest prompt + completion in tokens; a longer example is an error, never truncated")
     shared_prefix: bool = Field(True, description="batches hold one env's steps and their common system prompt runs once per batch (exact; dynaplan.train.prefix). Needs batch_size > 1, one process and no gradient checkpointing, else TRL's own loss runs")
+    loss_normalization: Literal["dataset", "batch"] = Field("dataset", description="what a step's summed answer-token loss is divided by: dataset = the dataset's mean answer tokens per step (every token weighs the same; unbiased plan decision), batch = the step's own count (TRL's default; under-weights the steps with plans)")
     padding_free: bool = Field(False, description="flatten each batch into one sequence (exact: block-diagonal attention from position ids; with SDPA the mask spans the whole batch, so use it with flash_attention_2)")
     bf16: bool = Field(False, description="bfloat16 autocast; weights and optimizer state stay float32. On for GPUs and CPUs with native bf16 (AVX512-BF16/AMX); on AVX2-only CPUs it is emulated and measured 7x slower")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (GPU memory); slower")

@@ -155,7 +155,7 @@ def test_shared_prefix_loss_equals_trls_loss_and_gradients(teacher_data, tiny_mo
         make_config,
         make_lora_config,
         prefix_groups,
-        shared_prefix_trainer_class,
+        sft_trainer_class,
         to_dataset,
     )
 
@@ -164,7 +164,7 @@ def test_shared_prefix_loss_equals_trls_loss_and_gradients(teacher_data, tiny_mo
     # a batch that spans both envs: one shared forward per system prompt
     mixed = [ex for ex in data.train if ex.env == "crafter"][:3] + [ex for ex in data.train if ex.env == "pogs"][:2]
     model, tokenizer = load_base(tiny_model_dir)
-    trainer = shared_prefix_trainer_class()(
+    trainer = sft_trainer_class()(
         model=model,
         args=make_config(params, teacher_data / "shared-prefix", has_eval=False),
         train_dataset=to_dataset(mixed),
@@ -187,7 +187,8 @@ def test_shared_prefix_loss_equals_trls_loss_and_gradients(teacher_data, tiny_mo
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
-    trl_loss, trl_grads = loss_and_grads(SFTTrainer.compute_loss)
+    trl_compute_loss = SFTTrainer.compute_loss
+    trl_loss, trl_grads = loss_and_grads(trl_compute_loss)
     trl_metrics = {k: list(v) for k, v in trainer._metrics["train"].items()}
     ours = type(trainer).compute_loss
     monkeypatch.setattr(SFTTrainer, "compute_loss", lambda *a, **k: pytest.fail("fell back to TRL's loss"))
@@ -200,6 +201,26 @@ def test_shared_prefix_loss_equals_trls_loss_and_gradients(teacher_data, tiny_mo
         assert trainer._metrics["train"][key][-1] == pytest.approx(trl_metrics[key][-1], rel=1e-4)
     # the token count TRL's tokens/s uses: every row's real tokens, counted once per batch each time
     assert trainer._total_train_tokens == 2 * int(batch["attention_mask"].sum())
+
+    # sft.loss_normalization dataset: the same summed loss over a fixed denominator, on both paths
+    trainer.loss_tokens_per_step = 17.0
+    assert loss_and_grads(ours)[0] * 17.0 == pytest.approx(trl_loss * 40, rel=1e-5)
+    monkeypatch.setattr(SFTTrainer, "compute_loss", trl_compute_loss)
+    trainer.shared_prefix = False
+    assert loss_and_grads(ours)[0] * 17.0 == pytest.approx(trl_loss * 40, rel=1e-5)
+
+
+def test_batch_normalization_pulls_the_plan_decision_below_the_teachers_rate():
+    from dynaplan.train.sft import loss_tokens_per_step, plan_rate_fixed_point
+
+    # two batches of 2: one with a 50-token plan answer, one of 5-token action answers
+    planned, tokens = [True, False, False, False], [55, 5, 5, 5]
+    assert plan_rate_fixed_point(planned, tokens, 2, "dataset") == pytest.approx(0.25)
+    # batch: the plan's batch has 60 tokens, the other 10; weights 1/60, 1/60, 1/10, 1/10
+    assert plan_rate_fixed_point(planned, tokens, 2, "batch") == pytest.approx((1 / 60) / (2 / 60 + 2 / 10))
+    params = parse_params({"sft": {**TINY_SFT, "batch_size": 2, "grad_accum": 3, "loss_normalization": "dataset"}})
+    assert loss_tokens_per_step(params, tokens) == pytest.approx(17.5 * 2 * 3)
+    assert loss_tokens_per_step(params.model_copy(update={"sft": params.sft.model_copy(update={"loss_normalization": "batch"})}), tokens) is None
 
 
 # ---- bad input is caught before training ----------------------------------------------------------

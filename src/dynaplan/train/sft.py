@@ -4,7 +4,9 @@ Reads top to bottom: checks on the inputs (validated data, base model, adapter, 
 dataset, the trainer (completion-only loss, padding-free batches, gradient accumulation,
 checkpoints that resume), training, then the held-out metrics the paper reports (loss, action
 accuracy, format validity, plan rate, KL to the base model); last, `sft_stage` wires one run to
-MLflow through dynaplan.tracking (never mlflow directly). No trainer classes of our own.
+MLflow through dynaplan.tracking (never mlflow directly). One trainer subclass
+(`sft_trainer_class`): TRL's SFTTrainer with the loss's denominator fixed per dataset and the
+shared system prompt run once per batch.
 """
 
 from __future__ import annotations
@@ -164,6 +166,15 @@ def token_lengths(tokenizer, examples: Sequence[SftExample]) -> list[int]:
     ]
 
 
+def answer_lengths(tokenizer, examples: Sequence[SftExample]) -> list[int]:
+    """Answer (labelled) tokens of each example, chat template applied as TRL applies it."""
+    return [
+        len(tokenizer.apply_chat_template(ex.prompt + [{"role": "assistant", "content": ex.completion}], tokenize=True, return_dict=False))
+        - len(tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+        for ex in examples
+    ]
+
+
 def to_dataset(examples: Sequence[SftExample]):
     from datasets import Dataset
 
@@ -290,21 +301,38 @@ def prefix_groups(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
     return list(groups.values())
 
 
-def shared_prefix_trainer_class():
-    """TRL's SFTTrainer whose training loss runs the batch's common system prompt once
-    (`dynaplan.train.prefix`): the same loss, gradients and logged metrics (entropy, token
-    accuracy, token count) as TRL's own `compute_loss` on the same batch (tested); everything
-    else (collation, masking, accumulation, checkpoints, resume) is TRL's. A batch whose rows
-    start with different system prompts runs one shared forward per prompt. Evaluation, one-row
-    batches and batches where no two rows share a prefix take TRL's path."""
+def sft_trainer_class():
+    """TRL's SFTTrainer with two changes to `compute_loss`, both off unless asked for:
+
+    - `loss_tokens_per_step` (sft.loss_normalization: dataset): the summed answer-token loss of a
+      step is divided by this constant (the dataset's mean answer tokens per optimizer step)
+      instead of by the step's own token count. Every answer token then weighs the same across
+      the whole dataset. Dividing by the step's count makes a token weigh less in a step with
+      many tokens, and a dynamic step with many tokens is one with plans: it under-weights the
+      answers that open a plan (with the default data the loss's fixed point for P(plan) is 7%
+      where the teacher plans at 16%; see `plan_rate_fixed_point`).
+    - `shared_prefix` (sft.shared_prefix): the batch's common system prompt runs once
+      (`dynaplan.train.prefix`): the same loss, gradients and logged metrics (entropy, token
+      accuracy, token count) as TRL's own `compute_loss` on the same batch (tested). A batch whose
+      rows start with different system prompts runs one shared forward per prompt. Evaluation,
+      one-row batches and batches where no two rows share a prefix take TRL's path.
+
+    Everything else (collation, masking, accumulation, checkpoints, resume) is TRL's."""
     from trl import SFTTrainer
 
     from dynaplan.train.prefix import shared_prefix_forward
 
-    class SharedPrefixSFTTrainer(SFTTrainer):
+    class DynaplanSFTTrainer(SFTTrainer):
+        def __init__(self, *args, shared_prefix: bool = True, loss_tokens_per_step: float | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.shared_prefix = shared_prefix
+            self.loss_tokens_per_step = loss_tokens_per_step
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.loss_tokens_per_step is not None and num_items_in_batch is not None and self.model.training:
+                num_items_in_batch = torch.as_tensor(float(self.loss_tokens_per_step))
             rows = None
-            if self.model.training and not return_outputs and {"labels", "attention_mask"} <= set(inputs):
+            if self.shared_prefix and self.model.training and not return_outputs and {"labels", "attention_mask"} <= set(inputs):
                 rows = labelled_rows(inputs)
             groups = prefix_groups(rows[0]) if rows is not None and len(rows[0]) > 1 else []
             if not any(len(g) > 1 for g in groups):
@@ -329,7 +357,35 @@ def shared_prefix_trainer_class():
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return loss
 
-    return SharedPrefixSFTTrainer
+    return DynaplanSFTTrainer
+
+
+def loss_tokens_per_step(params: Params, answer_tokens: Sequence[int]) -> float | None:
+    """The constant denominator of a step's loss under sft.loss_normalization: dataset (None under
+    batch: TRL's per-step count). Under `accelerate launch` with TRL's default
+    average_tokens_across_devices the trainer scales each process's loss by the number of
+    processes, so the constant counts the tokens of every process's batches."""
+    from accelerate import PartialState
+
+    sft = params.sft
+    if sft.loss_normalization == "batch":
+        return None
+    return float(np.mean(answer_tokens)) * sft.batch_size * sft.grad_accum * PartialState().num_processes
+
+
+def plan_rate_fixed_point(planned: Sequence[bool], answer_tokens: Sequence[int], batch_size: int, normalization: str) -> float:
+    """The plan rate at which the expected gradient of the decision "open a plan or not" is zero,
+    for examples in this order, cut into batches of `batch_size` (the training order when it is
+    fixed, as with the shared prefix): each example weighs 1/(answer tokens of its batch) under
+    `batch` normalization, the same under `dataset` (then it is the teacher's own rate)."""
+    y = np.asarray(planned, dtype=float)
+    tokens = np.asarray(answer_tokens, dtype=float)
+    if normalization == "dataset":
+        weights = np.ones_like(y)
+    else:
+        per_batch = np.array([tokens[i : i + batch_size].sum() for i in range(0, len(tokens), batch_size)])
+        weights = 1.0 / np.repeat(per_batch, batch_size)[: len(y)]
+    return float((weights * y).sum() / weights.sum()) if len(y) else 0.0
 
 
 def uses_shared_prefix(params: Params) -> bool:
@@ -422,8 +478,6 @@ def run_sft(
 ) -> SftResult:
     """Train (or resume) one variant and measure it on held-out steps. Raises SftInputError before
     any training when an input is wrong."""
-    from trl import SFTTrainer
-
     sft = params.sft
     # 1. Inputs: validated data, a base model, examples that fit.
     data = data or load_data(params, variant, paths)
@@ -454,8 +508,9 @@ def run_sft(
         # One env per batch (one system prompt to share), in a seeded order the trainer keeps,
         # so a resumed run skips exactly the batches it had trained on (make_config: sequential).
         train_examples = env_batches(data.train, sft.batch_size, sft.seed, lengths=lengths[: len(data.train)])
-    trainer_class = shared_prefix_trainer_class() if shared else SFTTrainer
-    trainer = trainer_class(
+    answer_tokens = answer_lengths(tokenizer, train_examples)
+    target_plans = [ex.completion.lstrip().startswith(PLAN_OPEN) for ex in train_examples]
+    trainer = sft_trainer_class()(
         model=model,
         args=config,
         train_dataset=to_dataset(train_examples),
@@ -463,6 +518,8 @@ def run_sft(
         processing_class=tokenizer,
         peft_config=make_lora_config(params, model.config.num_hidden_layers),
         callbacks=_trainer_callbacks(log, on_checkpoint, meta),
+        shared_prefix=shared,
+        loss_tokens_per_step=loss_tokens_per_step(params, answer_tokens),
     )
 
     # 3. Train, resuming optimizer, scheduler, RNG and data order from the last checkpoint.
@@ -487,6 +544,10 @@ def run_sft(
             "train_loss": float(output.training_loss),
             "global_step": int(trainer.state.global_step),
             "train_examples": len(data.train),
+            "train_target_plan_rate": float(np.mean(target_plans)),
+            # where the loss pulls the plan decision (see sft_trainer_class): the targets' own rate
+            # under sft.loss_normalization dataset, less under batch
+            "loss_plan_rate_fixed_point": plan_rate_fixed_point(target_plans, answer_tokens, sft.batch_size, sft.loss_normalization),
             "train_tokens_per_second": trained_tokens / elapsed if elapsed > 0 else 0.0,
             "train_seconds": elapsed,
             "resumed_from_step": resumed_step if resumed_step is not None else -1,
@@ -521,45 +582,41 @@ def _action_names(env: str, params: Params) -> tuple[str, ...]:
 def completion_stats(model, tokenizer, examples: Sequence[SftExample], batch_size: int) -> dict:
     """Teacher-forced over the held-out completions, adapter on and off (PEFT's disable_adapter,
     no second model): mean token NLL, token-level KL(student || base), and the student's and
-    base's probability that the answer opens a plan (the plan rate when sampling at T=1)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    base's probability that the answer opens a plan (the plan rate when sampling at T=1).
+    Batches hold one env's prompts, whose system prompt runs once (`shared_prefix_forward`)."""
     from dynaplan.models.hf import plan_opening_token_ids
+    from dynaplan.train.prefix import shared_prefix_forward
 
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan_first_ids = torch.tensor(plan_opening_token_ids(tokenizer), dtype=torch.long)
     nll_sum = kl_sum = 0.0
     tokens = 0
     plan_prob_student: list[float] = []
     plan_prob_base: list[float] = []
-    device = next(model.parameters()).device
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        prompts = [tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=False) for ex in batch]
-        fulls = [
-            tokenizer.apply_chat_template(ex.prompt + [{"role": "assistant", "content": ex.completion}], tokenize=True, return_dict=False)
-            for ex in batch
-        ]
-        answers = [list(f[len(p):]) for p, f in zip(prompts, fulls)]
-        width = max(len(f) for f in fulls)
-        keep = max(len(a) for a in answers) + 1
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, seq in enumerate(fulls):
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        inputs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=False, logits_to_keep=keep)
-        student = torch.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
-        with model.disable_adapter():
-            base = torch.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
-        for row, answer in enumerate(answers):
-            n = len(answer)
-            s, b = student[row, keep - 1 - n:], base[row, keep - 1 - n:]
-            target = torch.tensor(answer, device=device)[:, None]
-            nll_sum += float(-s.gather(-1, target).sum())
-            kl_sum += float((s.exp() * (s - b)).sum())
-            tokens += n
-            plan_prob_student.append(float(s[0].exp()[plan_first_ids].sum()))
-            plan_prob_base.append(float(b[0].exp()[plan_first_ids].sum()))
+    for env in sorted({ex.env for ex in examples}):
+        group = [ex for ex in examples if ex.env == env]
+        for start in range(0, len(group), batch_size):
+            batch = group[start : start + batch_size]
+            prompts = [tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=False) for ex in batch]
+            fulls = [
+                tokenizer.apply_chat_template(ex.prompt + [{"role": "assistant", "content": ex.completion}], tokenize=True, return_dict=False)
+                for ex in batch
+            ]
+            answers = [list(f[len(p):]) for p, f in zip(prompts, fulls)]
+            out = shared_prefix_forward(model, prompts, answers, pad_id=pad_id)
+            student = torch.log_softmax(out.answer_logits(model), dim=-1)
+            with model.disable_adapter():
+                out = shared_prefix_forward(model, prompts, answers, pad_id=pad_id)
+                base = torch.log_softmax(out.answer_logits(model), dim=-1)
+            mask = out.mask.bool()
+            nll_sum -= float(student.gather(-1, out.targets.unsqueeze(-1)).squeeze(-1)[mask].sum())
+            kl_sum += float((student.exp() * (student - base)).sum(-1)[mask].sum())
+            tokens += int(mask.sum())
+            # answers are right-aligned: a row's first answer token sits at G - len(answer)
+            first = torch.tensor([out.targets.shape[1] - len(a) for a in answers])
+            rows = torch.arange(len(batch))
+            plan_prob_student.extend(student[rows, first].exp()[:, plan_first_ids].sum(-1).tolist())
+            plan_prob_base.extend(base[rows, first].exp()[:, plan_first_ids].sum(-1).tolist())
     return {
         "loss": nll_sum / max(tokens, 1),
         "kl_to_base": kl_sum / max(tokens, 1),
