@@ -84,12 +84,12 @@ def shared_positions(prompts, answers) -> tuple[int, int]:
 def epoch_padding(examples, tokenizer, batch_size: int) -> float:
     """Non-padding share of the positions computed over one epoch of the `sft` stage's batches
     (its training sample in its env-grouped, length-sorted order), tokenized as TRL does."""
+    from dynaplan.train.sft import chat_ids
+
     real = total = 0
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        prompts = [tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=False) for ex in batch]
-        fulls = [tokenizer.apply_chat_template(ex.prompt + [{"role": "assistant", "content": ex.completion}], tokenize=True, return_dict=False)
-                 for ex in batch]
+        prompts, fulls = zip(*(chat_ids(tokenizer, ex) for ex in batch))
         batch_real, batch_total = shared_positions(prompts, [f[len(p):] for p, f in zip(prompts, fulls)])
         real, total = real + batch_real, total + batch_total
     return real / total

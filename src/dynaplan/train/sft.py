@@ -158,21 +158,22 @@ def _folder_digest(folder: Path) -> str:
     return dataset_digest([(p.name, file_sha256(p)) for p in shard_paths(folder)])
 
 
+def chat_ids(tokenizer, example: SftExample) -> tuple[list[int], list[int]]:
+    """(prompt ids, prompt + answer ids) of an example, chat template applied as TRL applies it;
+    the answer (the labelled tokens) is the second list after the first."""
+    prompt = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+    full = tokenizer.apply_chat_template(example.prompt + [{"role": "assistant", "content": example.completion}], tokenize=True, return_dict=False)
+    return list(prompt), list(full)
+
+
 def token_lengths(tokenizer, examples: Sequence[SftExample]) -> list[int]:
     """Prompt + completion tokens of each example, chat template applied as TRL applies it."""
-    return [
-        len(tokenizer.apply_chat_template(ex.prompt + [{"role": "assistant", "content": ex.completion}], tokenize=True, return_dict=False))
-        for ex in examples
-    ]
+    return [len(chat_ids(tokenizer, ex)[1]) for ex in examples]
 
 
 def answer_lengths(tokenizer, examples: Sequence[SftExample]) -> list[int]:
-    """Answer (labelled) tokens of each example, chat template applied as TRL applies it."""
-    return [
-        len(tokenizer.apply_chat_template(ex.prompt + [{"role": "assistant", "content": ex.completion}], tokenize=True, return_dict=False))
-        - len(tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
-        for ex in examples
-    ]
+    """Answer (labelled) tokens of each example."""
+    return [len(full) - len(prompt) for prompt, full in (chat_ids(tokenizer, ex) for ex in examples)]
 
 
 def to_dataset(examples: Sequence[SftExample]):
@@ -302,7 +303,7 @@ def prefix_groups(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
 
 
 def sft_trainer_class():
-    """TRL's SFTTrainer with two changes to `compute_loss`, both off unless asked for:
+    """TRL's SFTTrainer with two changes to `compute_loss`, each set by a constructor argument:
 
     - `loss_tokens_per_step` (sft.loss_normalization: dataset): the summed answer-token loss of a
       step is divided by this constant (the dataset's mean answer tokens per optimizer step)
@@ -597,12 +598,8 @@ def completion_stats(model, tokenizer, examples: Sequence[SftExample], batch_siz
         group = [ex for ex in examples if ex.env == env]
         for start in range(0, len(group), batch_size):
             batch = group[start : start + batch_size]
-            prompts = [tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=False) for ex in batch]
-            fulls = [
-                tokenizer.apply_chat_template(ex.prompt + [{"role": "assistant", "content": ex.completion}], tokenize=True, return_dict=False)
-                for ex in batch
-            ]
-            answers = [list(f[len(p):]) for p, f in zip(prompts, fulls)]
+            prompts, fulls = zip(*(chat_ids(tokenizer, ex) for ex in batch))
+            answers = [f[len(p):] for p, f in zip(prompts, fulls)]
             out = shared_prefix_forward(model, prompts, answers, pad_id=pad_id)
             student = torch.log_softmax(out.answer_logits(model), dim=-1)
             with model.disable_adapter():
