@@ -210,6 +210,32 @@ def test_shared_prefix_loss_equals_trls_loss_and_gradients(teacher_data, tiny_mo
     assert loss_and_grads(ours)[0] * 17.0 == pytest.approx(trl_loss * 40, rel=1e-5)
 
 
+def test_checkpoint_hook_leaves_the_training_random_state_alone(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from dynaplan.train.sft import _trainer_callbacks
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    def hook(checkpoint, step):  # what registering does: loads a model, drawing random numbers
+        torch.nn.Linear(64, 64)
+        random.random(), np.random.rand()
+
+    (tmp_path / "checkpoint-3").mkdir()
+    args, state = type("Args", (), {"output_dir": str(tmp_path)})(), type("State", (), {"global_step": 3})()
+    callback = _trainer_callbacks(None, hook, {"stage": "sft"})[0]
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    expected = draws()
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    callback.on_save(args, state, None)
+    assert draws() == expected
+    assert (tmp_path / "checkpoint-3" / "dynaplan_adapter.json").is_file()
+
+
 def test_batch_normalization_pulls_the_plan_decision_below_the_teachers_rate():
     from dynaplan.train.sft import loss_tokens_per_step, plan_rate_fixed_point
 

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -398,6 +399,24 @@ def uses_shared_prefix(params: Params) -> bool:
     return sft.shared_prefix and sft.batch_size > 1 and not sft.gradient_checkpointing and PartialState().num_processes == 1
 
 
+@contextlib.contextmanager
+def preserved_rng():
+    """Python's, NumPy's and torch's (CPU and every CUDA device's) random states as they were on
+    entry, whatever the body draws. Registering a checkpoint loads the model (MLflow checks the
+    input example; PEFT initializes LoRA weights before loading them), which draws from torch's
+    generator: without this the dropout masks of the steps after a checkpoint would depend on
+    whether it was registered, and a resumed run (which restores the state saved with the
+    checkpoint) would not repeat an uninterrupted one."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def _trainer_callbacks(log: LogFn | None, on_checkpoint: CheckpointFn | None, adapter_meta: dict):
     from transformers import TrainerCallback
 
@@ -416,7 +435,8 @@ def _trainer_callbacks(log: LogFn | None, on_checkpoint: CheckpointFn | None, ad
                 meta = {**adapter_meta, "global_step": state.global_step, "checkpoint": True}
                 (checkpoint / ADAPTER_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
                 if on_checkpoint is not None:
-                    on_checkpoint(checkpoint, state.global_step)
+                    with preserved_rng():  # the training run's draws do not depend on the hook
+                        on_checkpoint(checkpoint, state.global_step)
 
     return [TrackingCallback()]
 
