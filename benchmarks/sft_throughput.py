@@ -67,14 +67,13 @@ def shared_positions(prompts, answers) -> tuple[int, int]:
     """(non-padding, computed) positions of one batch on the shared-prefix path: each group of
     rows with one system prompt (as the trainer groups them) computes its common prefix once
     plus each row's rest, right-padded to the group's longest rest."""
-    from dynaplan.train.prefix import MIN_SHARED_PREFIX, shared_prefix_len
+    from dynaplan.train.prefix import shared_prefix_run_once
     from dynaplan.train.sft import prefix_groups
 
     real = total = 0
     for group in prefix_groups(prompts):
         lengths = [len(prompts[j]) + len(answers[j]) for j in group]
-        prefix = shared_prefix_len([prompts[j] for j in group]) if len(group) > 1 else 0
-        prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+        prefix = shared_prefix_run_once([prompts[j] for j in group])
         rests = [n - prefix for n in lengths]
         real += prefix + sum(rests)
         total += prefix + len(rests) * max(rests)

@@ -37,6 +37,13 @@ def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def shared_prefix_run_once(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens `shared_prefix_forward` runs once for these prompts: their common
+    prefix when there are 2+ rows and it is at least MIN_SHARED_PREFIX (read at call time), else 0."""
+    prefix = shared_prefix_len(prompts) if len(prompts) > 1 else 0
+    return prefix if prefix >= MIN_SHARED_PREFIX else 0
+
+
 @dataclass
 class PrefixForward:
     """What `shared_prefix_forward` computed, every tensor on the model's device.
@@ -84,8 +91,7 @@ def shared_prefix_forward(
     from dynaplan.models.hf import CACHE_KW, output_cache
 
     batch = len(prompts)
-    prefix = shared_prefix_len(prompts) if batch > 1 else 0
-    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+    prefix = shared_prefix_run_once(prompts)
     rests = [list(p[prefix:]) + list(c) for p, c in zip(prompts, completions)]
     seq_len, gen_len = max(len(r) for r in rests), max(1, max(len(c) for c in completions))
     input_ids = torch.full((batch, seq_len), pad_id, dtype=torch.long)
