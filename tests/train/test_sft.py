@@ -252,6 +252,39 @@ def test_batch_normalization_pulls_the_plan_decision_below_the_teachers_rate():
 # ---- bad input is caught before training ----------------------------------------------------------
 
 
+def test_checkpoints_of_other_examples_or_other_training_code_are_not_resumed(tmp_path, tiny_model_dir):
+    from dynaplan.train.sft import (
+        ADAPTER_META, FINGERPRINT_FILE, _prepare_checkpoint_dir, base_fingerprint, run_fingerprint, training_code_digest,
+    )
+    from dynaplan.train.sft_data import SftExample
+
+    params = parse_params({"sft": TINY_SFT})
+    system = {"role": "system", "content": "rules"}
+    examples = [SftExample([system, {"role": "user", "content": f"obs {i}"}], "Noop", "e", "crafter", i, "Noop", False)
+                for i in range(3)]
+    fp = run_fingerprint(params, "dynamic", examples, "base")
+    assert fp == run_fingerprint(params, "dynamic", list(examples), "base", training_code_digest())
+    # Same shards, other prompts (e.g. another prompt.history_len): another run.
+    reworded = [examples[0], examples[1], SftExample([system, {"role": "user", "content": "obs 2, longer"}],
+                                                     "Noop", "e", "crafter", 2, "Noop", False)]
+    assert run_fingerprint(params, "dynamic", reworded, "base") != fp
+    assert run_fingerprint(params, "dynamic", examples[::-1], "base") != fp  # the data order is the trajectory
+    edited = run_fingerprint(params, "dynamic", examples, "base", code_digest="0" * 64)
+    assert edited != fp
+
+    ckpt = tmp_path / "ckpt"
+    _prepare_checkpoint_dir(ckpt, fp, tiny_model_dir)
+    (ckpt / "checkpoint-2").mkdir()
+    (ckpt / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    meta = {"base_model": "tiny", "base_fingerprint": base_fingerprint(tiny_model_dir)}
+    (ckpt / "checkpoint-2" / ADAPTER_META).write_text(json.dumps(meta))
+    (ckpt / "checkpoint-2" / "adapter_config.json").write_text("{}")
+    assert _prepare_checkpoint_dir(ckpt, fp, tiny_model_dir) == str(ckpt / "checkpoint-2")  # the same run resumes
+    assert _prepare_checkpoint_dir(ckpt, edited, tiny_model_dir) is None  # after a code edit: from zero
+    assert not (ckpt / "checkpoint-2").exists()
+    assert json.loads((ckpt / FINGERPRINT_FILE).read_text())["fingerprint"] == edited
+
+
 def test_missing_or_failed_validation_report_stops_before_training(tmp_path, tiny_model_dir):
     from dynaplan.train.sft import run_sft
 

@@ -114,13 +114,34 @@ def check_lengths(examples: Sequence[SftExample], lengths: Sequence[int], max_se
         )
 
 
-def run_fingerprint(params: Params, variant: str, dataset_digest: str, base_fp: str) -> str:
-    """Everything that decides the training trajectory: a checkpoint of another run is useless."""
+# The modules whose code decides what a training step computes (the loss, the batches, the
+# trainer's settings). A checkpoint written by other code belongs to another run.
+TRAINING_CODE = ("sft.py", "sft_data.py", "prefix.py")
+
+
+def training_code_digest() -> str:
+    """sha256 of the training modules' source (TRAINING_CODE, beside this file)."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in TRAINING_CODE:
+        h.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def run_fingerprint(params: Params, variant: str, examples: Sequence[SftExample], base_fp: str,
+                    code_digest: str | None = None) -> str:
+    """Everything that decides the training trajectory: a checkpoint of another run is useless.
+    The training examples themselves (not only the shards' digest: the prompt params and the
+    prompt builder shape them too) and the training code are part of it, so `dvc repro` after
+    an edit that changes training retrains instead of resuming a finished run of the old code."""
     data = {
         "variant": variant,
         "sft": params.sft.model_dump(mode="json"),
-        "dataset": dataset_digest,
+        "examples": hashlib.sha256(
+            json.dumps([ex.as_record() for ex in examples], sort_keys=True).encode()
+        ).hexdigest(),
         "base": base_fp,
+        "code": code_digest if code_digest is not None else training_code_digest(),
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -449,7 +470,7 @@ def _prepare_checkpoint_dir(checkpoint_dir: Path, fingerprint: str, base_dir: Pa
     if checkpoint_dir.is_dir():
         previous = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
         if previous != fingerprint:
-            # Params, data or base model changed: those checkpoints describe another run.
+            # Params, examples, base model or training code changed: another run's checkpoints.
             shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
@@ -506,7 +527,7 @@ def run_sft(
     model, tokenizer = load_base(paths.base_dir, sft.model_dtype, sft.attn_implementation)
     lengths = token_lengths(tokenizer, data.train + data.heldout)
     check_lengths(data.train + data.heldout, lengths, sft.max_seq_len, getattr(model.config, "max_position_embeddings", None))
-    fingerprint = run_fingerprint(params, variant, data.dataset_digest, base_fp)
+    fingerprint = run_fingerprint(params, variant, data.train, base_fp)
     from accelerate import PartialState
 
     # Under `accelerate launch`, rank 0 clears stale checkpoints before the others look.
