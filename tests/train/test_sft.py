@@ -249,9 +249,6 @@ def test_batch_normalization_pulls_the_plan_decision_below_the_teachers_rate():
     assert loss_tokens_per_step(params.model_copy(update={"sft": params.sft.model_copy(update={"loss_normalization": "batch"})}), tokens) is None
 
 
-# ---- bad input is caught before training ----------------------------------------------------------
-
-
 def test_checkpoints_of_other_examples_or_other_training_code_are_not_resumed(tmp_path, tiny_model_dir):
     from dynaplan.train.sft import (
         ADAPTER_META, FINGERPRINT_FILE, _prepare_checkpoint_dir, base_fingerprint, run_fingerprint, training_code_digest,
@@ -283,6 +280,9 @@ def test_checkpoints_of_other_examples_or_other_training_code_are_not_resumed(tm
     assert _prepare_checkpoint_dir(ckpt, edited, tiny_model_dir) is None  # after a code edit: from zero
     assert not (ckpt / "checkpoint-2").exists()
     assert json.loads((ckpt / FINGERPRINT_FILE).read_text())["fingerprint"] == edited
+
+
+# ---- bad input is caught before training ----------------------------------------------------------
 
 
 def test_missing_or_failed_validation_report_stops_before_training(tmp_path, tiny_model_dir):
