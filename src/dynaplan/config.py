@@ -178,6 +178,10 @@ class SftParams(Section):
         default_factory=lambda: ["crafter", "pogs"], min_length=1, description="which envs' teacher steps to train on"
     )
     max_train_examples: int = Field(48, ge=0, description="cap on training examples: a seeded sample of the training episodes' steps; 0 = all")
+    plan_share: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="share of each env's sampled training steps that are steps where the teacher planned (a seeded stratified sample); 0 = a plain seeded sample at the teacher's own rate. The dynamic student sees more plans to learn to write them, while the loss on an answer's first token (open a plan or act) is importance-weighted back to the teacher's per-env rate, so P(open a plan) still aims at it. Needs the shared-prefix loss",
+    )
     eval_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of episodes (per env) held out")
     eval_examples: int = Field(32, ge=1, description="held-out steps used for greedy answers and KL (seeded sample)")
     lora: LoraParams = LoraParams()
@@ -206,6 +210,17 @@ class SftParams(Section):
     eval_max_new_tokens: int = Field(64, ge=1, description="cap on greedy answer tokens in the held-out metrics")
     eval_batch_size: int = Field(8, ge=1, description="prompts per batch for greedy answers and KL")
     eval_samples: int = Field(4, ge=0, description="answers sampled per held-out prompt at evaluate.temperature/top_p for the sampled format validity and plan rate; 0 = greedy only")
+
+    @model_validator(mode="after")
+    def _plan_share_needs_shared_prefix(self) -> "SftParams":
+        if self.plan_share > 0 and not (self.shared_prefix and self.batch_size > 1 and not self.gradient_checkpointing):
+            raise ValueError(
+                f"sft.plan_share={self.plan_share} weights each answer's first token, which only the shared-prefix "
+                f"loss does: it needs sft.shared_prefix true (is {self.shared_prefix}), sft.batch_size > 1 "
+                f"(is {self.batch_size}) and sft.gradient_checkpointing false (is {self.gradient_checkpointing}); "
+                "or set sft.plan_share: 0"
+            )
+        return self
 
 
 class Params(Section):

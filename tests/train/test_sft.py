@@ -210,6 +210,75 @@ def test_shared_prefix_loss_equals_trls_loss_and_gradients(teacher_data, tiny_mo
     assert loss_and_grads(ours)[0] * 17.0 == pytest.approx(trl_loss * 40, rel=1e-5)
 
 
+def test_plan_share_samples_more_plans_and_weighs_the_decision_back_to_the_teachers_rate(teacher_data, tiny_model_dir):
+    """sft.plan_share: a stratified sample with more plans, the same steps for both variants, and
+    first-token weights under which the loss's plan-decision fixed point is the teacher's rate."""
+    import numpy as np
+
+    from dynaplan.train.sft import load_data, plan_rate_fixed_point
+    from dynaplan.train.sft_data import read_rows
+
+    count = 24
+    params = parse_params({"sft": {**TINY_SFT, "max_train_examples": count, "plan_share": 0.5}})
+    data = load_data(params, "dynamic", _paths(teacher_data, tiny_model_dir))
+    naive = load_data(params, "naive", _paths(teacher_data, tiny_model_dir))
+    plain = load_data(parse_params({"sft": {**TINY_SFT, "max_train_examples": count}}), "dynamic", _paths(teacher_data, tiny_model_dir))
+    assert len(data.train) == count and naive.decision_weights is None and plain.decision_weights is None
+    assert [(ex.episode_id, ex.step) for ex in naive.train] == [(ex.episode_id, ex.step) for ex in data.train]
+    assert [(ex.episode_id, ex.step) for ex in data.heldout] == [(ex.episode_id, ex.step) for ex in plain.heldout]
+    held_out = {ex.episode_id for ex in data.heldout}
+    pool = [r for r in read_rows(teacher_data / "data" / "teacher", params.sft.envs) if r["episode_id"] not in held_out]
+    for env, (w_plan, w_act) in data.decision_weights.items():
+        sample = [ex for ex in data.train if ex.env == env]
+        teacher = np.mean([r["planned"] for r in pool if r["env"] == env])
+        assert sum(ex.planned for ex in sample) == round(0.5 * len(sample)) and 0.5 * len(sample) > teacher * len(sample) + 1
+        assert sum(r["env"] == env for r in pool) * count / len(pool) == pytest.approx(len(sample), abs=1)
+        planned = [ex.completion.startswith(PLAN_OPEN) for ex in sample]
+        weights = [w_plan if p else w_act for p in planned]
+        assert plan_rate_fixed_point(planned, [1] * len(sample), 4, "dataset", weights) == pytest.approx(teacher)
+        assert plan_rate_fixed_point(planned, [1] * len(sample), 4, "dataset") == pytest.approx(0.5, abs=0.05)
+    with pytest.raises(Exception, match="sft.plan_share=0.5 .* sft.shared_prefix true"):
+        parse_params({"sft": {**TINY_SFT, "plan_share": 0.5, "shared_prefix": False}})
+
+
+def test_first_token_weights_scale_exactly_the_answers_first_token(teacher_data, tiny_model_dir):
+    """The weighted shared-prefix loss with weight 0 on every first answer token is TRL's loss on
+    the same batch with those labels masked; with weight w it is linear in w."""
+    import torch
+    from trl import SFTTrainer
+
+    from dynaplan.train.sft import (
+        example_first_token_weights, load_base, load_data, make_config, make_lora_config, sft_trainer_class, to_dataset,
+    )
+
+    params = parse_params({"sft": {**TINY_SFT, "lora": {**TINY_SFT["lora"], "dropout": 0.0}}})
+    data = load_data(params, "dynamic", _paths(teacher_data, tiny_model_dir))
+    batch_examples = [ex for ex in data.train if ex.env == "crafter"][:4]
+    model, tokenizer = load_base(tiny_model_dir)
+    trainer = sft_trainer_class()(
+        model=model, args=make_config(params, teacher_data / "first-token", has_eval=False),
+        train_dataset=to_dataset(batch_examples), processing_class=tokenizer, peft_config=make_lora_config(params),
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer.model.train()
+
+    def loss(weight, inputs=batch, ours=True):
+        trainer.first_token_weights = example_first_token_weights(tokenizer, batch_examples, {"crafter": (weight, weight)}) if ours else None
+        compute = type(trainer).compute_loss if ours else SFTTrainer.compute_loss
+        with torch.no_grad():
+            return compute(trainer, trainer.model, dict(inputs), num_items_in_batch=torch.tensor(40)).item()
+
+    masked = dict(batch, labels=batch["labels"].clone())
+    for row in masked["labels"]:
+        row[int((row != -100).nonzero()[0])] = -100
+    assert loss(0.0) == pytest.approx(loss(None, masked, ours=False), rel=1e-5)
+    assert loss(1.0) == pytest.approx(loss(None, ours=False), rel=1e-5)
+    assert loss(2.5) - loss(0.0) == pytest.approx(2.5 * (loss(1.0) - loss(0.0)), rel=1e-4) and loss(1.0) > loss(0.0)
+    trainer.first_token_weights = {}
+    with pytest.raises(RuntimeError, match="not one of the weighted examples"):
+        type(trainer).compute_loss(trainer, trainer.model, dict(batch), num_items_in_batch=torch.tensor(40))
+
+
 def test_checkpoint_hook_leaves_the_training_random_state_alone(tmp_path):
     import random
 

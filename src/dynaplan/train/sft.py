@@ -32,9 +32,11 @@ from dynaplan.train.sft_data import (
     SftInputError,
     build_examples,
     check_validated,
+    decision_weights,
     env_batches,
     read_rows,
     sample_rows,
+    sample_rows_by_plan,
     split_by_episode,
 )
 
@@ -154,13 +156,23 @@ class SftData:
     train: list[SftExample]
     heldout: list[SftExample]  # the held-out sample used for every held-out metric
     dataset_digest: str
+    # per env, (weight of an answer that opens a plan, of one that acts) on the answer's first
+    # token (sft.plan_share; None: every token weighs 1)
+    decision_weights: dict[str, tuple[float, float]] | None = None
 
 
 def load_data(params: Params, variant: str, paths: SftPaths) -> SftData:
     report = check_validated(paths.report)
     rows = read_rows(paths.data_dir, params.sft.envs)
     train_rows, heldout_rows = split_by_episode(rows, params.sft.eval_fraction, params.sft.seed)
-    train_rows = sample_rows(train_rows, params.sft.max_train_examples or len(train_rows), params.sft.seed)
+    pool, count = train_rows, params.sft.max_train_examples or len(train_rows)
+    weights = None
+    if params.sft.plan_share > 0:
+        train_rows = sample_rows_by_plan(pool, count, params.sft.seed, params.sft.plan_share)
+        # the naive variant trains on the same steps; with no plans there is no decision to weigh
+        weights = decision_weights(pool, train_rows) if variant == "dynamic" else None
+    else:
+        train_rows = sample_rows(pool, count, params.sft.seed)
     heldout_rows = sample_rows(heldout_rows, params.sft.eval_examples, params.sft.seed + 1)
     digest = report.get("dataset_digest") or report.get("digest") or _folder_digest(paths.data_dir)
     # The naive prompts are rebuilt under the same token budget the dynamic ones were built with.
@@ -171,6 +183,7 @@ def load_data(params: Params, variant: str, paths: SftPaths) -> SftData:
         train=build_examples(train_rows, variant, **budget),
         heldout=build_examples(heldout_rows, variant, **budget),
         dataset_digest=str(digest),
+        decision_weights=weights,
     )
 
 
@@ -346,10 +359,14 @@ def sft_trainer_class():
     from dynaplan.train.prefix import shared_prefix_forward
 
     class DynaplanSFTTrainer(SFTTrainer):
-        def __init__(self, *args, shared_prefix: bool = True, loss_tokens_per_step: float | None = None, **kwargs):
+        def __init__(
+            self, *args, shared_prefix: bool = True, loss_tokens_per_step: float | None = None,
+            first_token_weights: dict[tuple[int, ...], float] | None = None, **kwargs,
+        ):
             super().__init__(*args, **kwargs)
             self.shared_prefix = shared_prefix
             self.loss_tokens_per_step = loss_tokens_per_step
+            self.first_token_weights = first_token_weights
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.loss_tokens_per_step is not None and num_items_in_batch is not None and self.model.training:
@@ -358,6 +375,11 @@ def sft_trainer_class():
             if self.shared_prefix and self.model.training and not return_outputs and {"labels", "attention_mask"} <= set(inputs):
                 rows = labelled_rows(inputs)
             groups = prefix_groups(rows[0]) if rows is not None and len(rows[0]) > 1 else []
+            if self.first_token_weights is not None and self.model.training and not any(len(g) > 1 for g in groups):
+                raise RuntimeError(
+                    "sft.plan_share weighs each answer's first token, which only the shared-prefix loss does, "
+                    "but this training batch does not take it (one row, or no shared system prompt)"
+                )
             if not any(len(g) > 1 for g in groups):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             pad_id = self.processing_class.pad_token_id
@@ -367,7 +389,10 @@ def sft_trainer_class():
                     model, [rows[0][i] for i in group], [rows[1][i] for i in group], pad_id=pad_id if pad_id is not None else 0
                 )
                 logp_all = torch.log_softmax(out.answer_logits(model), dim=-1)
-                nll = nll - (logp_all.gather(-1, out.targets.unsqueeze(-1)).squeeze(-1) * out.mask).sum()
+                weight = out.mask
+                if self.first_token_weights is not None:
+                    weight = first_token_weighting(out.mask, [rows[0][i] + rows[1][i] for i in group], self.first_token_weights)
+                nll = nll - (logp_all.gather(-1, out.targets.unsqueeze(-1)).squeeze(-1) * weight).sum()
                 with torch.no_grad():  # TRL's training metrics, over the same answer tokens
                     valid += out.mask.sum().item()
                     entropy += (-(logp_all.exp() * logp_all).sum(-1) * out.mask).sum().item()
@@ -383,6 +408,30 @@ def sft_trainer_class():
     return DynaplanSFTTrainer
 
 
+def first_token_weighting(mask: torch.Tensor, sequences: Sequence[Sequence[int]], weights: dict[tuple[int, ...], float]) -> torch.Tensor:
+    """`mask` ([B, G], right-aligned answers) with each row's first answer token scaled by its
+    sequence's weight (`weights`, keyed by the row's prompt + answer token ids)."""
+    weighted = mask.clone().float()
+    first = mask.shape[1] - mask.sum(-1).long()
+    for row, ids in enumerate(sequences):
+        key = tuple(ids)
+        if key not in weights:
+            raise RuntimeError(f"sft.plan_share: a training row of {len(key)} tokens is not one of the weighted examples")
+        weighted[row, first[row]] *= weights[key]
+    return weighted
+
+
+def example_first_token_weights(tokenizer, examples: Sequence[SftExample], decision: dict[str, tuple[float, float]]) -> dict[tuple[int, ...], float]:
+    """Each example's prompt + answer token ids -> its answer's first-token weight: the weight of
+    its env's planned steps if the answer opens a plan, else of its acting steps."""
+    weights = {}
+    for ex in examples:
+        _, full = chat_ids(tokenizer, ex)
+        planned, acting = decision[ex.env]
+        weights[tuple(full)] = planned if ex.completion.lstrip().startswith(PLAN_OPEN) else acting
+    return weights
+
+
 def loss_tokens_per_step(params: Params, answer_tokens: Sequence[int]) -> float | None:
     """The constant denominator of a step's loss under sft.loss_normalization: dataset (None under
     batch: TRL's per-step count). Under `accelerate launch` with TRL's default
@@ -396,11 +445,15 @@ def loss_tokens_per_step(params: Params, answer_tokens: Sequence[int]) -> float 
     return float(np.mean(answer_tokens)) * sft.batch_size * sft.grad_accum * PartialState().num_processes
 
 
-def plan_rate_fixed_point(planned: Sequence[bool], answer_tokens: Sequence[int], batch_size: int, normalization: str) -> float:
+def plan_rate_fixed_point(
+    planned: Sequence[bool], answer_tokens: Sequence[int], batch_size: int, normalization: str,
+    first_token_weights: Sequence[float] | None = None,
+) -> float:
     """The plan rate at which the expected gradient of the decision "open a plan or not" is zero,
     for examples in this order, cut into batches of `batch_size` (the training order when it is
     fixed, as with the shared prefix): each example weighs 1/(answer tokens of its batch) under
-    `batch` normalization, the same under `dataset` (then it is the teacher's own rate)."""
+    `batch` normalization, the same under `dataset` (then it is the targets' own rate), times its
+    first-token weight (sft.plan_share: then the rate of the pool the sample was drawn from)."""
     y = np.asarray(planned, dtype=float)
     tokens = np.asarray(answer_tokens, dtype=float)
     if normalization == "dataset":
@@ -408,6 +461,8 @@ def plan_rate_fixed_point(planned: Sequence[bool], answer_tokens: Sequence[int],
     else:
         per_batch = np.array([tokens[i : i + batch_size].sum() for i in range(0, len(tokens), batch_size)])
         weights = 1.0 / np.repeat(per_batch, batch_size)[: len(y)]
+    if first_token_weights is not None:
+        weights = weights * np.asarray(first_token_weights, dtype=float)
     return float((weights * y).sum() / weights.sum()) if len(y) else 0.0
 
 
@@ -552,6 +607,14 @@ def run_sft(
         train_examples = env_batches(data.train, sft.batch_size, sft.seed, lengths=lengths[: len(data.train)])
     answer_tokens = answer_lengths(tokenizer, train_examples)
     target_plans = [ex.completion.lstrip().startswith(PLAN_OPEN) for ex in train_examples]
+    first_weights = None
+    if data.decision_weights is not None:
+        if not shared:
+            raise SftInputError(
+                "sft.plan_share weighs each answer's first token, which only the shared-prefix loss does; "
+                "it does not run here (several processes?): set sft.plan_share: 0"
+            )
+        first_weights = example_first_token_weights(tokenizer, train_examples, data.decision_weights)
     trainer = sft_trainer_class()(
         model=model,
         args=config,
@@ -562,6 +625,7 @@ def run_sft(
         callbacks=_trainer_callbacks(log, on_checkpoint, meta),
         shared_prefix=shared,
         loss_tokens_per_step=loss_tokens_per_step(params, answer_tokens),
+        first_token_weights=first_weights,
     )
 
     # 3. Train, resuming optimizer, scheduler, RNG and data order from the last checkpoint.
@@ -589,7 +653,10 @@ def run_sft(
             "train_target_plan_rate": float(np.mean(target_plans)),
             # where the loss pulls the plan decision (see sft_trainer_class): the targets' own rate
             # under sft.loss_normalization dataset, less under batch
-            "loss_plan_rate_fixed_point": plan_rate_fixed_point(target_plans, answer_tokens, sft.batch_size, sft.loss_normalization),
+            "loss_plan_rate_fixed_point": plan_rate_fixed_point(
+                target_plans, answer_tokens, sft.batch_size, sft.loss_normalization,
+                None if first_weights is None else [first_weights[tuple(chat_ids(tokenizer, ex)[1])] for ex in train_examples],
+            ),
             "train_tokens_per_second": trained_tokens / elapsed if elapsed > 0 else 0.0,
             "train_seconds": elapsed,
             "resumed_from_step": resumed_step if resumed_step is not None else -1,

@@ -139,6 +139,43 @@ def sample_rows(rows: Sequence[dict], count: int, seed: int) -> list[dict]:
     return [rows[i] for i in index]
 
 
+def sample_rows_by_plan(rows: Sequence[dict], count: int, seed: int, plan_share: float) -> list[dict]:
+    """A seeded sample of `count` rows, stratified: each env gets its share of `count` (largest
+    remainder), of which `plan_share` are rows where the teacher planned (as many as there are;
+    the other class fills the rest). All rows when there are no more than `count`. Dataset order."""
+    if len(rows) <= count:
+        return list(rows)
+    rng = np.random.default_rng(seed)
+    envs = sorted({row["env"] for row in rows})
+    index_of = {env: [i for i, row in enumerate(rows) if row["env"] == env] for env in envs}
+    exact = {env: count * len(index_of[env]) / len(rows) for env in envs}
+    quota = {env: int(exact[env]) for env in envs}
+    for env in sorted(envs, key=lambda e: (-(exact[e] - quota[e]), e))[: count - sum(quota.values())]:
+        quota[env] += 1
+    chosen: list[int] = []
+    for env in envs:
+        planned = [i for i in index_of[env] if rows[i]["planned"]]
+        acting = [i for i in index_of[env] if not rows[i]["planned"]]
+        n_plan = min(len(planned), round(quota[env] * plan_share))
+        n_plan = max(n_plan, quota[env] - len(acting))  # too few acting rows: more planned ones
+        for pool, n in ((planned, n_plan), (acting, quota[env] - n_plan)):
+            chosen.extend(pool[j] for j in rng.choice(len(pool), size=n, replace=False).tolist())
+    return [rows[i] for i in sorted(chosen)]
+
+
+def decision_weights(pool: Sequence[dict], sample: Sequence[dict]) -> dict[str, tuple[float, float]]:
+    """Per env, (weight of a planned step, weight of an acting step) on the answer's first token,
+    the decision to open a plan: the importance weights that take the sample's plan rate back to
+    the pool's (the teacher's), so that the weighted loss's fixed point for P(open a plan) is the
+    teacher's rate however the sample was stratified. (1, 1) for an env sampled at its own rate."""
+    weights = {}
+    for env in sorted({row["env"] for row in sample}):
+        teacher = float(np.mean([row["planned"] for row in pool if row["env"] == env]))
+        sampled = float(np.mean([row["planned"] for row in sample if row["env"] == env]))
+        weights[env] = (teacher / sampled if sampled > 0 else 1.0, (1 - teacher) / (1 - sampled) if sampled < 1 else 1.0)
+    return weights
+
+
 def env_batches(
     examples: Sequence[SftExample], batch_size: int, seed: int, lengths: Sequence[int] | None = None, window: int = 8
 ) -> list[SftExample]:
