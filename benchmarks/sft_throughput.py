@@ -137,7 +137,9 @@ def main() -> int:
         token_lengths,
         uses_shared_prefix,
     )
-    from dynaplan.train.sft_data import build_examples, env_batches, read_rows, sample_rows, split_by_episode
+    from dynaplan.train.sft_data import (
+        build_examples, env_batches, read_rows, sample_rows, sample_train_rows, split_by_episode,
+    )
 
     params = load_params()
     overrides = {k: v for k, v in (("grad_accum", args.accum), ("batch_size", args.batch)) if v is not None}
@@ -189,7 +191,8 @@ def main() -> int:
           f"{results['ours']['non_pad_share']:.1%} in the timed steps")
     if shared:
         # The timed steps are a few batches; the stage trains on its whole sample in this order.
-        stage = build_examples(sample_rows(train_rows, sft.max_train_examples or len(train_rows), sft.seed), "dynamic")
+        stage_rows = sample_train_rows(train_rows, sft.max_train_examples or len(train_rows), sft.seed, sft.plan_share)
+        stage = build_examples(stage_rows, "dynamic")
         order = env_batches(stage, sft.batch_size, sft.seed, token_lengths(tokenizer, stage))
         print(f"non-padding share over one epoch of the sft stage's batches ({len(stage)} examples, dynamic): "
               f"{epoch_padding(order, tokenizer, sft.batch_size):.1%} (target >= 90%)")

@@ -36,7 +36,7 @@ from dynaplan.train.sft_data import (
     env_batches,
     read_rows,
     sample_rows,
-    sample_rows_by_plan,
+    sample_train_rows,
     split_by_episode,
 )
 
@@ -165,14 +165,10 @@ def load_data(params: Params, variant: str, paths: SftPaths) -> SftData:
     report = check_validated(paths.report)
     rows = read_rows(paths.data_dir, params.sft.envs)
     train_rows, heldout_rows = split_by_episode(rows, params.sft.eval_fraction, params.sft.seed)
-    pool, count = train_rows, params.sft.max_train_examples or len(train_rows)
-    weights = None
-    if params.sft.plan_share > 0:
-        train_rows = sample_rows_by_plan(pool, count, params.sft.seed, params.sft.plan_share)
-        # the naive variant trains on the same steps; with no plans there is no decision to weigh
-        weights = decision_weights(pool, train_rows) if variant == "dynamic" else None
-    else:
-        train_rows = sample_rows(pool, count, params.sft.seed)
+    pool, sft = train_rows, params.sft
+    train_rows = sample_train_rows(pool, sft.max_train_examples or len(pool), sft.seed, sft.plan_share)
+    # the naive variant trains on the same steps; with no plans there is no decision to weigh
+    weights = decision_weights(pool, train_rows) if sft.plan_share > 0 and variant == "dynamic" else None
     heldout_rows = sample_rows(heldout_rows, params.sft.eval_examples, params.sft.seed + 1)
     digest = report.get("dataset_digest") or report.get("digest") or _folder_digest(paths.data_dir)
     # The naive prompts are rebuilt under the same token budget the dynamic ones were built with.

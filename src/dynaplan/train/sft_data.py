@@ -163,6 +163,14 @@ def sample_rows_by_plan(rows: Sequence[dict], count: int, seed: int, plan_share:
     return [rows[i] for i in sorted(chosen)]
 
 
+def sample_train_rows(pool: Sequence[dict], count: int, seed: int, plan_share: float) -> list[dict]:
+    """The stage's training sample of `pool`: stratified by plan (`sample_rows_by_plan`) when
+    sft.plan_share > 0, else a plain seeded sample (`sample_rows`)."""
+    if plan_share > 0:
+        return sample_rows_by_plan(pool, count, seed, plan_share)
+    return sample_rows(pool, count, seed)
+
+
 def decision_weights(pool: Sequence[dict], sample: Sequence[dict]) -> dict[str, tuple[float, float]]:
     """Per env, (weight of a planned step, weight of an acting step) on the answer's first token,
     the decision to open a plan: the importance weights that take the sample's plan rate back to
