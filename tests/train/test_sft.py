@@ -241,14 +241,16 @@ def test_plan_share_samples_more_plans_and_weighs_the_decision_back_to_the_teach
         parse_params({"sft": {**TINY_SFT, "plan_share": 0.5, "shared_prefix": False}})
 
 
-def test_first_token_weights_scale_exactly_the_answers_first_token(teacher_data, tiny_model_dir):
+def test_first_token_weights_scale_exactly_the_answers_first_token(teacher_data, tiny_model_dir, monkeypatch):
     """The weighted shared-prefix loss with weight 0 on every first answer token is TRL's loss on
-    the same batch with those labels masked; with weight w it is linear in w."""
+    the same batch with those labels masked; with weight w it is linear in w; a one-row batch is
+    weighed too."""
     import torch
     from trl import SFTTrainer
 
     from dynaplan.train.sft import (
         example_first_token_weights, load_base, load_data, make_config, make_lora_config, sft_trainer_class, to_dataset,
+        weights_by_token_ids,
     )
 
     params = parse_params({"sft": {**TINY_SFT, "lora": {**TINY_SFT["lora"], "dropout": 0.0}}})
@@ -263,7 +265,9 @@ def test_first_token_weights_scale_exactly_the_answers_first_token(teacher_data,
     trainer.model.train()
 
     def loss(weight, inputs=batch, ours=True):
-        trainer.first_token_weights = example_first_token_weights(tokenizer, batch_examples, {"crafter": (weight, weight)}) if ours else None
+        opens = [ex.completion.startswith(PLAN_OPEN) for ex in batch_examples]
+        weights = example_first_token_weights(batch_examples, opens, {"crafter": (weight, weight)})
+        trainer.first_token_weights = weights_by_token_ids(tokenizer, batch_examples, weights) if ours else None
         compute = type(trainer).compute_loss if ours else SFTTrainer.compute_loss
         with torch.no_grad():
             return compute(trainer, trainer.model, dict(inputs), num_items_in_batch=torch.tensor(40)).item()
@@ -274,6 +278,11 @@ def test_first_token_weights_scale_exactly_the_answers_first_token(teacher_data,
     assert loss(0.0) == pytest.approx(loss(None, masked, ours=False), rel=1e-5)
     assert loss(1.0) == pytest.approx(loss(None, ours=False), rel=1e-5)
     assert loss(2.5) - loss(0.0) == pytest.approx(2.5 * (loss(1.0) - loss(0.0)), rel=1e-4) and loss(1.0) > loss(0.0)
+    # a one-row batch (a short last batch) takes the weighted path too: TRL's loss at weight 1
+    one_row = trainer.data_collator([trainer.train_dataset[0]])
+    trl_one_row = loss(None, one_row, ours=False)
+    monkeypatch.setattr(SFTTrainer, "compute_loss", lambda *a, **k: pytest.fail("fell back to TRL's loss"))
+    assert loss(1.0, one_row) == pytest.approx(trl_one_row, rel=1e-5)
     trainer.first_token_weights = {}
     with pytest.raises(RuntimeError, match="not one of the weighted examples"):
         type(trainer).compute_loss(trainer, trainer.model, dict(batch), num_items_in_batch=torch.tensor(40))

@@ -370,13 +370,16 @@ def sft_trainer_class():
             rows = None
             if self.shared_prefix and self.model.training and not return_outputs and {"labels", "attention_mask"} <= set(inputs):
                 rows = labelled_rows(inputs)
-            groups = prefix_groups(rows[0]) if rows is not None and len(rows[0]) > 1 else []
-            if self.first_token_weights is not None and self.model.training and not any(len(g) > 1 for g in groups):
+            groups = prefix_groups(rows[0]) if rows is not None else []
+            # sft.plan_share: only this path weighs the first answer token, so weighted training
+            # takes it for every batch (a one-row batch is one plain forward here, TRL's loss)
+            weighted = self.first_token_weights is not None and self.model.training
+            if weighted and not groups:
                 raise RuntimeError(
                     "sft.plan_share weighs each answer's first token, which only the shared-prefix loss does, "
-                    "but this training batch does not take it (one row, or no shared system prompt)"
+                    "but this training batch is not a batch of prompts followed by labelled answers"
                 )
-            if not any(len(g) > 1 for g in groups):
+            if not weighted and not any(len(g) > 1 for g in groups):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             pad_id = self.processing_class.pad_token_id
             nll = valid = entropy = correct = 0.0
@@ -417,15 +420,18 @@ def first_token_weighting(mask: torch.Tensor, sequences: Sequence[Sequence[int]]
     return weighted
 
 
-def example_first_token_weights(tokenizer, examples: Sequence[SftExample], decision: dict[str, tuple[float, float]]) -> dict[tuple[int, ...], float]:
-    """Each example's prompt + answer token ids -> its answer's first-token weight: the weight of
-    its env's planned steps if the answer opens a plan, else of its acting steps."""
-    weights = {}
-    for ex in examples:
-        _, full = chat_ids(tokenizer, ex)
-        planned, acting = decision[ex.env]
-        weights[tuple(full)] = planned if ex.completion.lstrip().startswith(PLAN_OPEN) else acting
-    return weights
+def example_first_token_weights(
+    examples: Sequence[SftExample], opens_plan: Sequence[bool], decision: dict[str, tuple[float, float]]
+) -> list[float]:
+    """Each example's first-token weight: its env's weight of planned steps if its answer opens a
+    plan (`opens_plan`), else of acting steps."""
+    return [decision[ex.env][0 if opens else 1] for ex, opens in zip(examples, opens_plan)]
+
+
+def weights_by_token_ids(tokenizer, examples: Sequence[SftExample], weights: Sequence[float]) -> dict[tuple[int, ...], float]:
+    """Each example's prompt + answer token ids -> its weight: how the trainer finds a collated
+    row's weight whatever the data order."""
+    return {tuple(chat_ids(tokenizer, ex)[1]): weight for ex, weight in zip(examples, weights)}
 
 
 def loss_tokens_per_step(params: Params, answer_tokens: Sequence[int]) -> float | None:
@@ -610,7 +616,7 @@ def run_sft(
                 "sft.plan_share weighs each answer's first token, which only the shared-prefix loss does; "
                 "it does not run here (several processes?): set sft.plan_share: 0"
             )
-        first_weights = example_first_token_weights(tokenizer, train_examples, data.decision_weights)
+        first_weights = example_first_token_weights(train_examples, target_plans, data.decision_weights)
     trainer = sft_trainer_class()(
         model=model,
         args=config,
@@ -621,7 +627,7 @@ def run_sft(
         callbacks=_trainer_callbacks(log, on_checkpoint, meta),
         shared_prefix=shared,
         loss_tokens_per_step=loss_tokens_per_step(params, answer_tokens),
-        first_token_weights=first_weights,
+        first_token_weights=None if first_weights is None else weights_by_token_ids(tokenizer, train_examples, first_weights),
     )
 
     # 3. Train, resuming optimizer, scheduler, RNG and data order from the last checkpoint.
@@ -650,8 +656,7 @@ def run_sft(
             # where the loss pulls the plan decision (see sft_trainer_class): the targets' own rate
             # under sft.loss_normalization dataset, less under batch
             "loss_plan_rate_fixed_point": plan_rate_fixed_point(
-                target_plans, answer_tokens, sft.batch_size, sft.loss_normalization,
-                None if first_weights is None else [first_weights[tuple(chat_ids(tokenizer, ex)[1])] for ex in train_examples],
+                target_plans, answer_tokens, sft.batch_size, sft.loss_normalization, first_weights
             ),
             "train_tokens_per_second": trained_tokens / elapsed if elapsed > 0 else 0.0,
             "train_seconds": elapsed,
