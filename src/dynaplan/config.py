@@ -103,9 +103,9 @@ class EvaluateParams(Section):
     intervals: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1, description="fixed planning intervals of the Goldilocks sweep (plus never and dynamic)")
     best_of: int = Field(2, ge=1, le=1000, description="attempts per seed in the best-of-N evaluations")
     best_of_episodes: int = Field(1, ge=1, le=100_000, description="held-out seeds of the best-of-N evaluations (each played best_of times)")
-    sft_episodes: int = Field(8, ge=1, le=100_000, description="held-out seeds of the SFT students' evaluations (evaluate_sft@<variant>)")
-    sft_max_steps: int = Field(8, ge=1, description="cap on steps per episode of the SFT students' evaluations and of the capped random baseline they are compared with")
-    sft_max_new_tokens: int = Field(24, ge=1, le=8192, description="cap on answer tokens in the SFT students' evaluations (room for a teacher-length plan: ~60 tokens)")
+    sft_episodes: int = Field(16, ge=1, le=100_000, description="held-out seeds of the SFT students' evaluations (evaluate_sft@<variant>)")
+    sft_max_steps: int = Field(24, ge=1, description="cap on steps per episode of the SFT students' evaluations and of the capped random baseline they are compared with")
+    sft_max_new_tokens: int = Field(128, ge=1, le=8192, description="cap on answer tokens in the SFT students' evaluations (room for a teacher-length plan: ~60 tokens)")
     plans_file: str = Field("plans/crafter_human.yaml", min_length=1, description="human plans (YAML list of {plan, until}) for the steered best-of-N evaluation")
 
     @model_validator(mode="after")
@@ -170,29 +170,29 @@ class LoraParams(Section):
         min_length=1,
         description="module names that get a LoRA adapter (not lm_head: TRL computes the loss from its weight)",
     )
-    top_layers: int = Field(0, ge=0, description="adapt only the last N transformer layers (0 = all): the backward pass stops below them, so CPU steps are much cheaper")
+    top_layers: int = Field(10, ge=0, description="adapt only the last N transformer layers (0 = all): the backward pass stops below them, so CPU steps are much cheaper")
 
 
 class SftParams(Section):
     envs: list[Literal["crafter", "pogs"]] = Field(
         default_factory=lambda: ["crafter", "pogs"], min_length=1, description="which envs' teacher steps to train on"
     )
-    max_train_examples: int = Field(48, ge=0, description="cap on training examples: a seeded sample of the training episodes' steps; 0 = all")
+    max_train_examples: int = Field(384, ge=0, description="cap on training examples: a seeded sample of the training episodes' steps; 0 = all")
     plan_share: float = Field(
-        0.0, ge=0.0, lt=1.0,
+        0.25, ge=0.0, lt=1.0,
         description="share of each env's sampled training steps that are steps where the teacher planned (a seeded stratified sample); 0 = a plain seeded sample at the teacher's own rate. The dynamic student sees more plans to learn to write them, while the loss on an answer's first token (open a plan or act) is importance-weighted back to the teacher's per-env rate, so P(open a plan) still aims at it. Needs the shared-prefix loss",
     )
     eval_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of episodes (per env) held out")
-    eval_examples: int = Field(32, ge=1, description="held-out steps used for greedy answers and KL (seeded sample)")
+    eval_examples: int = Field(24, ge=1, description="held-out steps used for greedy answers and KL (seeded sample)")
     lora: LoraParams = LoraParams()
-    learning_rate: float = Field(6e-4, gt=0.0, le=1.0, description="peak AdamW learning rate")
-    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field("cosine", description="schedule after warm-up")
+    learning_rate: float = Field(2e-3, gt=0.0, le=1.0, description="peak AdamW learning rate")
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field("constant_with_warmup", description="schedule after warm-up")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="share of optimizer steps spent warming up")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
-    epochs: float = Field(2.0, gt=0.0, description="passes over the training examples (ignored when max_steps > 0)")
+    epochs: float = Field(1.0, gt=0.0, description="passes over the training examples (ignored when max_steps > 0)")
     max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = derive from epochs")
-    batch_size: int = Field(1, ge=1, description="sequences per forward pass (per device); 1 on the CPU: no padding, attention per sequence")
-    grad_accum: int = Field(8, ge=1, description="forward passes per optimizer step")
+    batch_size: int = Field(8, ge=1, description="sequences per forward pass (per device); with shared_prefix one env's steps, whose common system prompt runs once")
+    grad_accum: int = Field(1, ge=1, description="forward passes per optimizer step")
     max_seq_len: int = Field(2048, ge=32, description="longest prompt + completion in tokens; a longer example is an error, never truncated")
     shared_prefix: bool = Field(True, description="batches hold one env's steps and their common system prompt runs once per batch (exact; dynaplan.train.prefix). Needs batch_size > 1, one process and no gradient checkpointing, else TRL's own loss runs")
     loss_normalization: Literal["dataset", "batch"] = Field("dataset", description="what a step's summed answer-token loss is divided by: dataset = the dataset's mean answer tokens per step (every token weighs the same; unbiased plan decision), batch = the step's own count (TRL's default; under-weights the steps with plans)")
@@ -207,9 +207,9 @@ class SftParams(Section):
     logging_steps: int = Field(1, ge=1, description="log train loss to MLflow every this many optimizer steps")
     eval_steps: int = Field(0, ge=0, description="held-out loss every this many steps; 0 = only at the end")
     register_checkpoints: bool = Field(True, description="register every saved checkpoint as a dynaplan-agent version, not just the final adapter")
-    eval_max_new_tokens: int = Field(64, ge=1, description="cap on greedy answer tokens in the held-out metrics")
+    eval_max_new_tokens: int = Field(128, ge=1, description="cap on greedy answer tokens in the held-out metrics")
     eval_batch_size: int = Field(8, ge=1, description="prompts per batch for greedy answers and KL")
-    eval_samples: int = Field(4, ge=0, description="answers sampled per held-out prompt at evaluate.temperature/top_p for the sampled format validity and plan rate; 0 = greedy only")
+    eval_samples: int = Field(2, ge=0, description="answers sampled per held-out prompt at evaluate.temperature/top_p for the sampled format validity and plan rate; 0 = greedy only")
 
     @model_validator(mode="after")
     def _plan_share_needs_shared_prefix(self) -> "SftParams":

@@ -222,7 +222,7 @@ def test_plan_share_samples_more_plans_and_weighs_the_decision_back_to_the_teach
     params = parse_params({"sft": {**TINY_SFT, "max_train_examples": count, "plan_share": 0.5}})
     data = load_data(params, "dynamic", _paths(teacher_data, tiny_model_dir))
     naive = load_data(params, "naive", _paths(teacher_data, tiny_model_dir))
-    plain = load_data(parse_params({"sft": {**TINY_SFT, "max_train_examples": count}}), "dynamic", _paths(teacher_data, tiny_model_dir))
+    plain = load_data(parse_params({"sft": {**TINY_SFT, "max_train_examples": count, "plan_share": 0.0}}), "dynamic", _paths(teacher_data, tiny_model_dir))
     assert len(data.train) == count and naive.decision_weights is None and plain.decision_weights is None
     assert [(ex.episode_id, ex.step) for ex in naive.train] == [(ex.episode_id, ex.step) for ex in data.train]
     assert [(ex.episode_id, ex.step) for ex in data.heldout] == [(ex.episode_id, ex.step) for ex in plain.heldout]
