@@ -11,25 +11,18 @@ import os
 import sys
 from pathlib import Path
 
-from dynaplan.config import EXIT_USAGE, ConfigError, load_params
+from dynaplan.config import load_params, usage_errors_exit_2
 from dynaplan.models.materialize import ModelSourceError, materialize_base, source_sha256
 from dynaplan.tracking import log_metrics, stage_run
 
 MANIFEST_METRIC = Path("models/base_manifest.json")
 
 
+@usage_errors_exit_2(ModelSourceError)
 def main() -> int:
-    try:
-        params = load_params()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    params = load_params()
     section = {"model.base": params.model.base, "model.dir": params.model.dir}
-    try:
-        source_sha256(params.model.base)  # a bad source is a usage error, before any MLflow run
-    except ModelSourceError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    source_sha256(params.model.base)  # a bad source is a usage error, before any MLflow run
     with stage_run("base_model", section):
         manifest = materialize_base(params.model.base, params.model.dir)
         MANIFEST_METRIC.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from dynaplan import tracking
-from dynaplan.config import EXIT_USAGE, ConfigError, load_params
+from dynaplan.config import load_params, usage_errors_exit_2
 from dynaplan.data.dataset import write_csv_atomic, write_json_atomic
 from dynaplan.data.generation import episode_table, generate_dataset
 from dynaplan.data.schema import STEP_SCHEMA
@@ -20,12 +20,9 @@ METRICS = Path("reports/generate/metrics.json")
 EPISODES_PLOT = Path("reports/generate/episodes.csv")
 
 
+@usage_errors_exit_2()
 def main() -> int:
-    try:
-        params = load_params()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    params = load_params()
     section = {
         "generate": params.generate, "envs": params.envs, "prompt": params.prompt,
         "seeds": params.seeds, "model.dir": params.model.dir,

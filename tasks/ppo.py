@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dynaplan.config import EXIT_USAGE, ConfigError, load_params
+from dynaplan.config import load_params, usage_errors_exit_2
 
 
 def paths_for(ablation: str, base_dir: Path):
@@ -24,22 +24,16 @@ def paths_for(ablation: str, base_dir: Path):
     )
 
 
+@usage_errors_exit_2()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.ppo", description=__doc__)
     parser.add_argument("--ablation", required=True, help="sft_dynamic | sft_never | base")
     args = parser.parse_args(argv)
-    try:
-        params = load_params()  # before importing torch: a bad params file fails in a blink
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    params = load_params()  # before importing torch: a bad params file fails in a blink
     from dynaplan.train.ppo import PpoDivergence, ppo_stage
 
     try:
         out = ppo_stage(params, args.ablation, paths_for(args.ablation, Path(params.model.dir)))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
     except PpoDivergence as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import sys
 
-from dynaplan.config import EXIT_USAGE, ConfigError, load_params
+from dynaplan.config import load_params, usage_errors_exit_2
 from dynaplan.promotion import PromotionError, run_gate
 
 
+@usage_errors_exit_2()
 def main() -> int:
-    try:
-        params = load_params()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    params = load_params()
     try:
         decision = run_gate(params)
     except PromotionError as err:

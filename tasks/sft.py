@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from dynaplan.config import EXIT_USAGE, ConfigError, load_params
+from dynaplan.config import load_params, usage_errors_exit_2
+from dynaplan.train.sft_data import SftInputError
 
 DATA_DIR = Path("data/teacher")
 REPORT = Path("reports/validate/summary.json")
@@ -27,19 +28,15 @@ def paths_for(variant: str, data_dir: Path = DATA_DIR, report: Path = REPORT, ba
     )
 
 
+@usage_errors_exit_2(SftInputError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.sft", description=__doc__)
     parser.add_argument("--variant", choices=["dynamic", "naive"], required=True)
     args = parser.parse_args(argv)
     from dynaplan.train.sft import sft_stage
-    from dynaplan.train.sft_data import SftInputError
 
-    try:
-        params = load_params()
-        out = sft_stage(params, args.variant, paths_for(args.variant), Path(f"metrics/sft-{args.variant}.json"))
-    except (ConfigError, SftInputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    params = load_params()
+    out = sft_stage(params, args.variant, paths_for(args.variant), Path(f"metrics/sft-{args.variant}.json"))
     print(
         f"sft@{args.variant}: held-out loss {out['heldout_loss']:.3f}, action accuracy {out['action_accuracy']:.3f}, "
         f"format valid {out['format_valid']:.3f}, plan rate {out['plan_rate']:.3f} (teacher {out['teacher_plan_rate']:.3f}), "

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from dynaplan import tracking
-from dynaplan.config import EXIT_USAGE, ConfigError, load_params
+from dynaplan.config import load_params, usage_errors_exit_2
 from dynaplan.data.dataset import read_manifest, read_table, write_json_atomic
 from dynaplan.data.expectations import chat_token_counter, env_action_sets, validate_dataset
 
@@ -20,12 +20,9 @@ SUMMARY = Path("reports/validate/summary.json")
 DOCS_DIR = Path("reports/validate/data_docs")
 
 
+@usage_errors_exit_2()
 def main() -> int:
-    try:
-        params = load_params()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    params = load_params()
     section = {
         "validate": params.validation, "generate.plan_interval_min": params.generate.plan_interval_min,
         "generate.plan_interval_max": params.generate.plan_interval_max, "seeds": params.seeds,

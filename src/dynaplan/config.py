@@ -7,7 +7,10 @@ the file, the key, the value and what is allowed; entry points exit with code 2 
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +23,24 @@ EXIT_USAGE = 2
 
 class ConfigError(ValueError):
     """A bad params file or value; the message says what and where. Exit code 2."""
+
+
+def usage_errors_exit_2(*errors: type[Exception]) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorates an entry point's `main`: a ConfigError, or one of `errors`, raised anywhere in it
+    prints `error: <message>` on stderr and returns EXIT_USAGE (2) instead of a traceback."""
+
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args: Any, **kwargs: Any) -> int:
+            try:
+                return main(*args, **kwargs)
+            except (ConfigError, *errors) as err:
+                print(f"error: {err}", file=sys.stderr)
+                return EXIT_USAGE
+
+        return run
+
+    return decorate
 
 
 class Section(BaseModel):
