@@ -142,8 +142,10 @@ def test_bad_params_exit_2_naming_the_key_before_any_work(project, tmp_path):
     params = yaml.safe_load((bad / "params.yaml").read_text())
     params["generate"]["pogs_episodes"] = -1
     (bad / "params.yaml").write_text(yaml.safe_dump(params))
-    for task in ("tasks.generate", "tasks.validate"):
-        proc = _run([sys.executable, "-m", task], bad, {**env, "PYTHONPATH": os.pathsep.join([str(bad / "src"), str(bad)])}, check=False)
+    tasks = (["tasks.base_model"], ["tasks.generate"], ["tasks.validate"], ["tasks.sft", "--variant", "dynamic"],
+             ["tasks.ppo", "--ablation", "base"], ["tasks.promote"])
+    for task in tasks:
+        proc = _run([sys.executable, "-m", *task], bad, {**env, "PYTHONPATH": os.pathsep.join([str(bad / "src"), str(bad)])}, check=False)
         assert proc.returncode == 2, proc.stderr
         assert "generate.pogs_episodes" in proc.stderr and "-1" in proc.stderr
     assert not (bad / "data").exists() and not (bad / "mlflow.db").exists()
