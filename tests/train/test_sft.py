@@ -249,8 +249,8 @@ def test_first_token_weights_scale_exactly_the_answers_first_token(teacher_data,
     from trl import SFTTrainer
 
     from dynaplan.train.sft import (
-        example_first_token_weights, load_base, load_data, make_config, make_lora_config, sft_trainer_class, to_dataset,
-        weights_by_token_ids,
+        chat_ids, example_first_token_weights, load_base, load_data, make_config, make_lora_config, sft_trainer_class,
+        to_dataset, weights_by_token_ids,
     )
 
     params = parse_params({"sft": {**TINY_SFT, "lora": {**TINY_SFT["lora"], "dropout": 0.0}}})
@@ -267,7 +267,8 @@ def test_first_token_weights_scale_exactly_the_answers_first_token(teacher_data,
     def loss(weight, inputs=batch, ours=True):
         opens = [ex.completion.startswith(PLAN_OPEN) for ex in batch_examples]
         weights = example_first_token_weights(batch_examples, opens, {"crafter": (weight, weight)})
-        trainer.first_token_weights = weights_by_token_ids(tokenizer, batch_examples, weights) if ours else None
+        full_ids = [chat_ids(tokenizer, ex)[1] for ex in batch_examples]
+        trainer.first_token_weights = weights_by_token_ids(full_ids, weights) if ours else None
         compute = type(trainer).compute_loss if ours else SFTTrainer.compute_loss
         with torch.no_grad():
             return compute(trainer, trainer.model, dict(inputs), num_items_in_batch=torch.tensor(40)).item()

@@ -428,10 +428,10 @@ def example_first_token_weights(
     return [decision[ex.env][0 if opens else 1] for ex, opens in zip(examples, opens_plan)]
 
 
-def weights_by_token_ids(tokenizer, examples: Sequence[SftExample], weights: Sequence[float]) -> dict[tuple[int, ...], float]:
-    """Each example's prompt + answer token ids -> its weight: how the trainer finds a collated
-    row's weight whatever the data order."""
-    return {tuple(chat_ids(tokenizer, ex)[1]): weight for ex, weight in zip(examples, weights)}
+def weights_by_token_ids(full_ids: Sequence[Sequence[int]], weights: Sequence[float]) -> dict[tuple[int, ...], float]:
+    """Each example's prompt + answer token ids (`chat_ids`) -> its weight: how the trainer finds
+    a collated row's weight whatever the data order."""
+    return {tuple(ids): weight for ids, weight in zip(full_ids, weights)}
 
 
 def loss_tokens_per_step(params: Params, answer_tokens: Sequence[int]) -> float | None:
@@ -582,7 +582,9 @@ def run_sft(
     data = data or load_data(params, variant, paths)
     base_fp = base_fingerprint(paths.base_dir)
     model, tokenizer = load_base(paths.base_dir, sft.model_dtype, sft.attn_implementation)
-    lengths = token_lengths(tokenizer, data.train + data.heldout)
+    # the chat template once per example: lengths, answer token counts and weight keys come from it
+    chat = {id(ex): chat_ids(tokenizer, ex) for ex in data.train + data.heldout}
+    lengths = [len(chat[id(ex)][1]) for ex in data.train + data.heldout]
     check_lengths(data.train + data.heldout, lengths, sft.max_seq_len, getattr(model.config, "max_position_embeddings", None))
     fingerprint = run_fingerprint(params, variant, data.train, base_fp)
     from accelerate import PartialState
@@ -607,7 +609,7 @@ def run_sft(
         # One env per batch (one system prompt to share), in a seeded order the trainer keeps,
         # so a resumed run skips exactly the batches it had trained on (make_config: sequential).
         train_examples = env_batches(data.train, sft.batch_size, sft.seed, lengths=lengths[: len(data.train)])
-    answer_tokens = answer_lengths(tokenizer, train_examples)
+    answer_tokens = [len(chat[id(ex)][1]) - len(chat[id(ex)][0]) for ex in train_examples]
     target_plans = [ex.completion.lstrip().startswith(PLAN_OPEN) for ex in train_examples]
     first_weights = None
     if data.decision_weights is not None:
@@ -627,7 +629,7 @@ def run_sft(
         callbacks=_trainer_callbacks(log, on_checkpoint, meta),
         shared_prefix=shared,
         loss_tokens_per_step=loss_tokens_per_step(params, answer_tokens),
-        first_token_weights=None if first_weights is None else weights_by_token_ids(tokenizer, train_examples, first_weights),
+        first_token_weights=None if first_weights is None else weights_by_token_ids([chat[id(ex)][1] for ex in train_examples], first_weights),
     )
 
     # 3. Train, resuming optimizer, scheduler, RNG and data order from the last checkpoint.
