@@ -232,9 +232,15 @@ class SftParams(Section):
     eval_batch_size: int = Field(8, ge=1, description="prompts per batch for greedy answers and KL")
     eval_samples: int = Field(2, ge=0, description="answers sampled per held-out prompt at evaluate.temperature/top_p for the sampled format validity and plan rate; 0 = greedy only")
 
+    @property
+    def shared_prefix_possible(self) -> bool:
+        """These settings let the shared-prefix loss run: asked for, 2+ rows per batch, no
+        gradient checkpointing (which turns the cache off). One process is checked at run time."""
+        return self.shared_prefix and self.batch_size > 1 and not self.gradient_checkpointing
+
     @model_validator(mode="after")
     def _plan_share_needs_shared_prefix(self) -> "SftParams":
-        if self.plan_share > 0 and not (self.shared_prefix and self.batch_size > 1 and not self.gradient_checkpointing):
+        if self.plan_share > 0 and not self.shared_prefix_possible:
             raise ValueError(
                 f"sft.plan_share={self.plan_share} weights each answer's first token, which only the shared-prefix "
                 f"loss does: it needs sft.shared_prefix true (is {self.shared_prefix}), sft.batch_size > 1 "

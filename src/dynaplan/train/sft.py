@@ -163,13 +163,13 @@ class SftData:
 
 def load_data(params: Params, variant: str, paths: SftPaths) -> SftData:
     report = check_validated(paths.report)
-    rows = read_rows(paths.data_dir, params.sft.envs)
-    train_rows, heldout_rows = split_by_episode(rows, params.sft.eval_fraction, params.sft.seed)
-    pool, sft = train_rows, params.sft
+    sft = params.sft
+    rows = read_rows(paths.data_dir, sft.envs)
+    pool, heldout_rows = split_by_episode(rows, sft.eval_fraction, sft.seed)
     train_rows = sample_train_rows(pool, sft.max_train_examples or len(pool), sft.seed, sft.plan_share)
     # the naive variant trains on the same steps; with no plans there is no decision to weigh
     weights = decision_weights(pool, train_rows) if sft.plan_share > 0 and variant == "dynamic" else None
-    heldout_rows = sample_rows(heldout_rows, params.sft.eval_examples, params.sft.seed + 1)
+    heldout_rows = sample_rows(heldout_rows, sft.eval_examples, sft.seed + 1)
     digest = report.get("dataset_digest") or report.get("digest") or _folder_digest(paths.data_dir)
     # The naive prompts are rebuilt under the same token budget the dynamic ones were built with.
     from dynaplan.data.generation import token_counter
@@ -473,8 +473,7 @@ def uses_shared_prefix(params: Params) -> bool:
     model's decoder directly, which DDP would not see), no gradient checkpointing (no cache)."""
     from accelerate import PartialState
 
-    sft = params.sft
-    return sft.shared_prefix and sft.batch_size > 1 and not sft.gradient_checkpointing and PartialState().num_processes == 1
+    return params.sft.shared_prefix_possible and PartialState().num_processes == 1
 
 
 @contextlib.contextmanager
