@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dynaplan.agent.protocol import MAX_PLAN_CHARS, ParsedOutput, format_output, parse_output, target_regex
+from dynaplan.agent.protocol import (
+    MAX_PLAN_CHARS,
+    ParsedOutput,
+    format_output,
+    is_valid_prefix,
+    parse_output,
+    target_regex,
+)
 from dynaplan.envs.crafter_text import ACTION_NAMES as CRAFTER_ACTIONS
 
 POGS_ACTIONS = tuple(str(i) for i in range(20))
@@ -52,6 +59,36 @@ def test_tag_soup_never_raises(pieces, actions):
     assert parsed.action is None or parsed.action in actions
     if parsed.valid:
         assert target_regex(actions).fullmatch(text)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), actions=ACTION_SETS, plan=st.none() | PLANS.filter(lambda p: len(p) < 200))
+def test_every_prefix_of_a_valid_answer_is_a_valid_prefix(data, actions, plan):
+    text = format_output(data.draw(st.sampled_from(actions)), plan)
+    assert all(is_valid_prefix(text[:i], actions) for i in range(len(text) + 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from(["<plan>", "</plan>", "\n", " ", "Move", " West", "Do", "1", "7", "go", "<", "plan>"]), max_size=8),
+    actions=ACTION_SETS,
+)
+def test_an_answer_that_starts_with_an_invalid_prefix_is_invalid(pieces, actions):
+    text = "".join(pieces)
+    if any(not is_valid_prefix(text[:i], actions) for i in range(len(text) + 1)):
+        assert not parse_output(text, actions).valid
+
+
+@pytest.mark.parametrize(
+    "text", [" Do", "do", "Don", "Move north", "Do\n", "7", "<plan>\n</plan>\nDo", "<plan>a</plan>Do", "<plan>a<plan>", "<pla n>"]
+)
+def test_texts_no_valid_answer_starts_with(text):
+    assert not is_valid_prefix(text, CRAFTER_ACTIONS)
+
+
+@pytest.mark.parametrize("text", ["", "D", "Move", "Move We", "<", "<pl", "<plan>\nI will", "<plan>\nx\n</pl", "<plan>x\n</plan>\nMake Wo"])
+def test_texts_a_valid_answer_starts_with(text):
+    assert is_valid_prefix(text, CRAFTER_ACTIONS)
 
 
 @pytest.mark.parametrize("value", [None, 7, b"Noop", ["Noop"]])

@@ -4,6 +4,7 @@ the same greedy answers, and a killed run that resumes from its checkpoint (tiny
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from sft_fixtures import write_teacher_dataset
@@ -213,8 +215,6 @@ def test_shared_prefix_loss_equals_trls_loss_and_gradients(teacher_data, tiny_mo
 def test_plan_share_samples_more_plans_and_weighs_the_decision_back_to_the_teachers_rate(teacher_data, tiny_model_dir):
     """sft.plan_share: a stratified sample with more plans, the same steps for both variants, and
     first-token weights under which the loss's plan-decision fixed point is the teacher's rate."""
-    import numpy as np
-
     from dynaplan.train.sft import load_data, plan_rate_fixed_point
     from dynaplan.train.sft_data import read_rows
 
@@ -287,6 +287,46 @@ def test_first_token_weights_scale_exactly_the_answers_first_token(teacher_data,
     trainer.first_token_weights = {}
     with pytest.raises(RuntimeError, match="not one of the weighted examples"):
         type(trainer).compute_loss(trainer, trainer.model, dict(batch), num_items_in_batch=torch.tensor(40))
+
+
+def test_valid_start_probability_is_the_first_answer_tokens_mass_that_can_still_end_valid(teacher_data, tiny_model_dir):
+    """completion_stats' valid_start_prob (student) and base_valid_start_prob: the probability,
+    at the first answer position, of the tokens a valid answer can begin with, per prompt and
+    averaged, equal to a plain full forward of each prompt with the adapter on and off."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from dynaplan.agent.protocol import is_valid_prefix
+    from dynaplan.train.sft import _action_names, chat_ids, completion_stats, load_base, load_data
+
+    params = parse_params({"sft": TINY_SFT})
+    examples = load_data(params, "dynamic", _paths(teacher_data, tiny_model_dir)).heldout
+    assert {ex.env for ex in examples} == {"crafter", "pogs"}
+    base, tokenizer = load_base(tiny_model_dir)
+    torch.manual_seed(0)  # a random adapter (B != 0), so the student differs from its base
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    actions = {env: _action_names(env, params) for env in ("crafter", "pogs")}
+    stats = completion_stats(model, tokenizer, examples, 4, actions)
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    special = set(tokenizer.all_special_ids)
+
+    def expected(adapter: bool) -> dict[str, list[float]]:
+        per_env: dict[str, list[float]] = {}
+        for ex in examples:
+            ids = set(i for i, t in enumerate(texts) if i not in special and t and is_valid_prefix(t, actions[ex.env]))
+            prompt = torch.tensor([chat_ids(tokenizer, ex)[0]])
+            with torch.no_grad(), (contextlib.nullcontext() if adapter else model.disable_adapter()):
+                probs = model(prompt).logits[0, -1].float().softmax(-1)
+            per_env.setdefault(ex.env, []).append(float(probs[sorted(ids)].sum()))
+        return per_env
+
+    student, reference = expected(True), expected(False)
+    assert stats["valid_start_prob"] == pytest.approx(np.mean([p for v in student.values() for p in v]), abs=1e-5)
+    assert stats["base_valid_start_prob"] == pytest.approx(np.mean([p for v in reference.values() for p in v]), abs=1e-5)
+    for env, probs in student.items():
+        assert stats["valid_start_prob_per_env"][env] == pytest.approx(np.mean(probs), abs=1e-5)
+    assert stats["valid_start_prob"] != pytest.approx(stats["base_valid_start_prob"], abs=1e-6)
+    assert "valid_start_prob" not in completion_stats(model, tokenizer, examples[:2], 4)
 
 
 def test_checkpoint_hook_leaves_the_training_random_state_alone(tmp_path):
@@ -441,7 +481,7 @@ def test_stage_logs_per_step_metrics_and_writes_the_metrics_file(tracked_run, te
     written = json.loads((teacher_data / "metrics" / "sft-dynamic.json").read_text())
     assert written["model_uri"] == out["model_uri"] and written["global_step"] == 4
     for key in ("heldout_loss", "kl_to_base", "action_accuracy", "format_valid", "plan_rate", "teacher_plan_rate",
-                "sampled_format_valid", "sampled_plan_rate", "sampled_action_accuracy"):
+                "sampled_format_valid", "sampled_plan_rate", "sampled_action_accuracy", "valid_start_prob", "base_valid_start_prob"):
         assert isinstance(written[key], float)
     assert written["kl_to_base"] > 0  # the adapter moved the model away from its base
     client = mlflow.MlflowClient()

@@ -80,6 +80,25 @@ def _recover_action(text: str, actions: Sequence[str]) -> str | None:
     return None
 
 
+def is_valid_prefix(text: str, actions: Sequence[str]) -> bool:
+    """True when some answer that `parse_output` calls valid starts with `text` (the empty text
+    included): an answer that begins this way can still end valid, any other cannot."""
+    if any(a.startswith(text) for a in actions) or PLAN_OPEN.startswith(text):
+        return True
+    if not text.startswith(PLAN_OPEN):
+        return False
+    rest = text[len(PLAN_OPEN):]
+    if "<" not in rest:  # still inside the plan
+        return len(rest) <= MAX_PLAN_CHARS + 2
+    plan, tail = rest[: rest.index("<")], rest[rest.index("<"):]
+    closing = f"{PLAN_CLOSE}\n"
+    if not plan.strip() or len(plan.removeprefix("\n").removesuffix("\n")) > MAX_PLAN_CHARS:
+        return False
+    if closing.startswith(tail):
+        return True
+    return tail.startswith(closing) and any(a.startswith(tail[len(closing):]) for a in actions)
+
+
 def parse_output(text: str, actions: Sequence[str]) -> ParsedOutput:
     """Parse a model answer; never raises (see the module docstring for every case)."""
     if not isinstance(text, str):

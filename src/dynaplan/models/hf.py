@@ -207,16 +207,28 @@ def plan_opening_token_ids(tokenizer, opening: str = PLAN_OPENING) -> list[int]:
     """Tokens that could begin an answer with `opening`: after stripping leading whitespace their
     text is a non-empty prefix of it ('<', ' <', '<pl'...) or starts with it. With SmolLM2,
     '<plan>' is '<' 'plan' '>', so banning these at the first non-blank position is exact."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
-    special = set(tokenizer.all_special_ids)
     banned = []
-    for i, text in enumerate(texts):
-        if i in special:
-            continue
+    for i, text in _token_texts(tokenizer):
         t = text.lstrip()
         if t and (opening.startswith(t) or t.startswith(opening)):
             banned.append(i)
     return banned
+
+
+def valid_prefix_token_ids(tokenizer, actions: Sequence[str]) -> list[int]:
+    """Tokens an answer valid under the strict protocol can begin with (an action's first
+    piece, '<' of '<plan>', ...): the probability of the rest is the probability that the first
+    sampled token already makes the answer invalid."""
+    from dynaplan.agent.protocol import is_valid_prefix
+
+    return [i for i, text in _token_texts(tokenizer) if text and is_valid_prefix(text, actions)]
+
+
+def _token_texts(tokenizer) -> list[tuple[int, str]]:
+    """(id, text) of every vocabulary token that is not a special token."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
+    special = set(tokenizer.all_special_ids)
+    return [(i, text) for i, text in enumerate(texts) if i not in special]
 
 
 def sequence_logprobs(

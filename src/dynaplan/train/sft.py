@@ -690,12 +690,17 @@ def _action_names(env: str, params: Params) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def completion_stats(model, tokenizer, examples: Sequence[SftExample], batch_size: int) -> dict:
+def completion_stats(
+    model, tokenizer, examples: Sequence[SftExample], batch_size: int, actions: dict[str, tuple[str, ...]] | None = None,
+) -> dict:
     """Teacher-forced over the held-out completions, adapter on and off (PEFT's disable_adapter,
     no second model): mean token NLL, token-level KL(student || base), and the student's and
     base's probability that the answer opens a plan (the plan rate when sampling at T=1).
+    Given each env's `actions`, also the probability that the first answer token can begin a
+    valid answer (`valid_start_prob`, and per env): at T=1, top-p 1, an upper bound on the share
+    of valid answers that sampling noise does not blur.
     Batches hold one env's prompts, whose system prompt runs once (`shared_prefix_forward`)."""
-    from dynaplan.models.hf import plan_opening_token_ids
+    from dynaplan.models.hf import plan_opening_token_ids, valid_prefix_token_ids
     from dynaplan.train.prefix import shared_prefix_forward
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -704,8 +709,10 @@ def completion_stats(model, tokenizer, examples: Sequence[SftExample], batch_siz
     tokens = 0
     plan_prob_student: list[float] = []
     plan_prob_base: list[float] = []
+    valid_start: dict[str, dict[str, list[float]]] = {}
     for env in sorted({ex.env for ex in examples}):
         group = [ex for ex in examples if ex.env == env]
+        start_ids = torch.tensor(valid_prefix_token_ids(tokenizer, actions[env]), dtype=torch.long) if actions else None
         for start in range(0, len(group), batch_size):
             batch = group[start : start + batch_size]
             prompts, fulls = zip(*(chat_ids(tokenizer, ex) for ex in batch))
@@ -724,6 +731,17 @@ def completion_stats(model, tokenizer, examples: Sequence[SftExample], batch_siz
             rows = torch.arange(len(batch))
             plan_prob_student.extend(student[rows, first].exp()[:, plan_first_ids].sum(-1).tolist())
             plan_prob_base.extend(base[rows, first].exp()[:, plan_first_ids].sum(-1).tolist())
+            if start_ids is not None:
+                probs = valid_start.setdefault(env, {"student": [], "base": []})
+                probs["student"].extend(student[rows, first].exp()[:, start_ids].sum(-1).tolist())
+                probs["base"].extend(base[rows, first].exp()[:, start_ids].sum(-1).tolist())
+    starts = {}
+    if valid_start:
+        starts = {
+            "valid_start_prob": float(np.mean([p for v in valid_start.values() for p in v["student"]])),
+            "base_valid_start_prob": float(np.mean([p for v in valid_start.values() for p in v["base"]])),
+            "valid_start_prob_per_env": {env: float(np.mean(v["student"])) for env, v in valid_start.items()},
+        }
     return {
         "loss": nll_sum / max(tokens, 1),
         "kl_to_base": kl_sum / max(tokens, 1),
@@ -731,6 +749,7 @@ def completion_stats(model, tokenizer, examples: Sequence[SftExample], batch_siz
         "plan_prob": float(np.mean(plan_prob_student)) if plan_prob_student else 0.0,
         "base_plan_prob": float(np.mean(plan_prob_base)) if plan_prob_base else 0.0,
         "completion_tokens": tokens,
+        **starts,
     }
 
 
@@ -765,16 +784,17 @@ def heldout_metrics(model, tokenizer, examples: Sequence[SftExample], params: Pa
     (evaluate.temperature, top_p): a plan taken at random intervals is a coin the student must
     learn to toss, which greedy decoding never shows."""
     sft = params.sft
-    stats = completion_stats(model, tokenizer, examples, sft.eval_batch_size)
+    actions = {env: _action_names(env, params) for env in {ex.env for ex in examples}}
+    stats = completion_stats(model, tokenizer, examples, sft.eval_batch_size, actions)
     prompts = [ex.prompt for ex in examples]
     answers = sample_answers(model, tokenizer, prompts, sft.eval_max_new_tokens, sft.eval_batch_size)
-    actions = {env: _action_names(env, params) for env in {ex.env for ex in examples}}
     per_env = {}
     for env in sorted(actions):
         idx = [i for i, ex in enumerate(examples) if ex.env == env]
         per_env[env] = {
             **answer_scores([answers[i] for i in idx], [examples[i] for i in idx], actions),
             "teacher_plan_rate": float(np.mean([examples[i].planned for i in idx])),
+            "valid_start_prob": stats["valid_start_prob_per_env"][env],
             "examples": len(idx),
         }
     sampled = {}
@@ -793,6 +813,8 @@ def heldout_metrics(model, tokenizer, examples: Sequence[SftExample], params: Pa
         **sampled,
         "plan_prob": stats["plan_prob"],
         "base_plan_prob": stats["base_plan_prob"],
+        "valid_start_prob": stats["valid_start_prob"],
+        "base_valid_start_prob": stats["base_valid_start_prob"],
         "teacher_plan_rate": float(np.mean([ex.planned for ex in examples])),
         "heldout_examples": len(examples),
         "per_env": per_env,
