@@ -199,6 +199,10 @@ class SftParams(Section):
         default_factory=lambda: ["crafter", "pogs"], min_length=1, description="which envs' teacher steps to train on"
     )
     max_train_examples: int = Field(384, ge=0, description="cap on training examples: a seeded sample of the training episodes' steps; 0 = all")
+    format_loss_weight: float = Field(
+        10.0, ge=0.0,
+        description="weight of an extra loss term per training answer: -log P(first answer token can begin a valid answer), the probability the student puts on the tokens the strict protocol lets an answer start with (an action's first piece, '<' of '<plan>'). It pushes down only the mass on tokens that make the answer invalid, not the choice between valid ones; 1 weighs it like one answer token. 0 = off. Needs the shared-prefix loss",
+    )
     plan_share: float = Field(
         0.25, ge=0.0, lt=1.0,
         description="share of each env's sampled training steps that are steps where the teacher planned (a seeded stratified sample); 0 = a plain seeded sample at the teacher's own rate. The dynamic student sees more plans to learn to write them, while the loss on an answer's first token (open a plan or act) is importance-weighted back to the teacher's per-env rate, so P(open a plan) still aims at it. Needs the shared-prefix loss",
@@ -239,14 +243,18 @@ class SftParams(Section):
         return self.shared_prefix and self.batch_size > 1 and not self.gradient_checkpointing
 
     @model_validator(mode="after")
-    def _plan_share_needs_shared_prefix(self) -> "SftParams":
-        if self.plan_share > 0 and not self.shared_prefix_possible:
-            raise ValueError(
-                f"sft.plan_share={self.plan_share} weights each answer's first token, which only the shared-prefix "
-                f"loss does: it needs sft.shared_prefix true (is {self.shared_prefix}), sft.batch_size > 1 "
-                f"(is {self.batch_size}) and sft.gradient_checkpointing false (is {self.gradient_checkpointing}); "
-                "or set sft.plan_share: 0"
-            )
+    def _first_token_losses_need_shared_prefix(self) -> "SftParams":
+        for key, value, does in (
+            ("plan_share", self.plan_share, "weights each answer's first token"),
+            ("format_loss_weight", self.format_loss_weight, "scores each answer's first token"),
+        ):
+            if value > 0 and not self.shared_prefix_possible:
+                raise ValueError(
+                    f"sft.{key}={value} {does}, which only the shared-prefix "
+                    f"loss does: it needs sft.shared_prefix true (is {self.shared_prefix}), sft.batch_size > 1 "
+                    f"(is {self.batch_size}) and sft.gradient_checkpointing false (is {self.gradient_checkpointing}); "
+                    f"or set sft.{key}: 0"
+                )
         return self
 
 

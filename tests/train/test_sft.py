@@ -289,6 +289,54 @@ def test_first_token_weights_scale_exactly_the_answers_first_token(teacher_data,
         type(trainer).compute_loss(trainer, trainer.model, dict(batch), num_items_in_batch=torch.tensor(40))
 
 
+def test_format_loss_adds_the_weighted_nll_of_a_valid_first_answer_token(teacher_data, tiny_model_dir):
+    """sft.format_loss_weight: the shared-prefix loss of a batch that spans both envs plus, per
+    answer, weight x -log P(first answer token can begin a valid answer in its env), over the
+    same denominator; the mean of that NLL is logged; it needs the shared-prefix loss."""
+    import torch
+
+    from dynaplan.agent.protocol import is_valid_prefix
+    from dynaplan.train.sft import (
+        _action_names, chat_ids, format_start_ids, load_base, load_data, make_config, make_lora_config, sft_trainer_class,
+        to_dataset,
+    )
+
+    params = parse_params({"sft": {**TINY_SFT, "plan_share": 0.0, "lora": {**TINY_SFT["lora"], "dropout": 0.0}}})
+    data = load_data(params, "dynamic", _paths(teacher_data, tiny_model_dir))
+    mixed = [ex for ex in data.train if ex.env == "crafter"][:3] + [ex for ex in data.train if ex.env == "pogs"][:2]
+    model, tokenizer = load_base(tiny_model_dir)
+    chat = {id(ex): chat_ids(tokenizer, ex) for ex in mixed}
+    ids = format_start_ids(tokenizer, chat, mixed, params)
+    assert len(ids) == 2
+    trainer = sft_trainer_class()(
+        model=model, args=make_config(params, teacher_data / "format-loss", has_eval=False),
+        train_dataset=to_dataset(mixed), processing_class=tokenizer, peft_config=make_lora_config(params),
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(mixed))])
+    trainer.model.train()
+
+    def loss(weight):
+        trainer.format_loss = None if weight is None else (weight, ids)
+        with torch.no_grad():
+            return type(trainer).compute_loss(trainer, trainer.model, dict(batch), num_items_in_batch=torch.tensor(40)).item()
+
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    special = set(tokenizer.all_special_ids)
+    actions = {env: _action_names(env, params) for env in ("crafter", "pogs")}
+    expected = 0.0
+    with torch.no_grad():
+        for ex in mixed:
+            valid = [i for i, t in enumerate(texts) if i not in special and t and is_valid_prefix(t, actions[ex.env])]
+            logp = trainer.model(torch.tensor([chat[id(ex)][0]])).logits[0, -1].float().log_softmax(-1)
+            expected -= float(torch.logsumexp(logp[valid], -1))
+    plain = loss(None)
+    assert loss(0.0) == pytest.approx(plain, rel=1e-6)
+    assert loss(2.0) - plain == pytest.approx(2.0 * expected / 40, rel=1e-4)
+    assert trainer._metrics["train"]["valid_start_nll"][-1] == pytest.approx(expected / len(mixed), rel=1e-4)
+    with pytest.raises(Exception, match="sft.format_loss_weight=1.0 .* sft.shared_prefix true"):
+        parse_params({"sft": {**TINY_SFT, "plan_share": 0.0, "format_loss_weight": 1.0, "shared_prefix": False}})
+
+
 def test_valid_start_probability_is_the_first_answer_tokens_mass_that_can_still_end_valid(teacher_data, tiny_model_dir):
     """completion_stats' valid_start_prob (student) and base_valid_start_prob: the probability,
     at the first answer position, of the tokens a valid answer can begin with, per prompt and
