@@ -322,6 +322,14 @@ def labelled_rows(inputs: dict) -> tuple[list[list[int]], list[list[int]]] | Non
     return prompts, answers
 
 
+def prompt_key(prompt: Sequence[int]) -> tuple[int, ...]:
+    """The first MIN_SHARED_PREFIX tokens of a prompt: the same for every prompt of one env (its
+    system prompt), different between envs. Groups shared-prefix rows and finds a row's env."""
+    from dynaplan.train.prefix import MIN_SHARED_PREFIX
+
+    return tuple(prompt[:MIN_SHARED_PREFIX])
+
+
 def prefix_groups(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
     """Row indices grouped by a common prefix worth sharing (in practice: by env, whose system
     prompts differ), in first-seen order; a row that shares nothing is a group of its own."""
@@ -329,7 +337,7 @@ def prefix_groups(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
 
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, prompt in enumerate(prompts):
-        groups.setdefault(tuple(prompt[:MIN_SHARED_PREFIX]) if len(prompt) > MIN_SHARED_PREFIX else (-1 - i,), []).append(i)
+        groups.setdefault(prompt_key(prompt) if len(prompt) > MIN_SHARED_PREFIX else (-1 - i,), []).append(i)
     return list(groups.values())
 
 
@@ -420,11 +428,9 @@ def valid_start_nll(
 ) -> torch.Tensor:
     """[B]: -log P(first answer token can begin a valid answer) of each row of one shared-prefix
     group (`logp` [B, G, V] log-probs of right-aligned answers, `mask` [B, G]); the valid first
-    tokens are those of the env whose prompt starts like `prompt` (`start_ids`, keyed by the first
-    MIN_SHARED_PREFIX prompt tokens)."""
-    from dynaplan.train.prefix import MIN_SHARED_PREFIX
-
-    key = tuple(prompt[:MIN_SHARED_PREFIX])
+    tokens are those of the env whose prompt starts like `prompt` (`start_ids`, keyed by
+    `prompt_key`)."""
+    key = prompt_key(prompt)
     if key not in start_ids:
         raise RuntimeError(f"sft.format_loss_weight: a training row starts with a prompt of no known env ({len(prompt)} tokens)")
     first = mask.shape[1] - mask.sum(-1).long()
@@ -433,14 +439,13 @@ def valid_start_nll(
 
 
 def format_start_ids(tokenizer, chat: dict, examples: Sequence[SftExample], params: Params) -> dict[tuple[int, ...], torch.Tensor]:
-    """Each env's valid first answer tokens (`valid_prefix_token_ids`), keyed by the first
-    MIN_SHARED_PREFIX tokens its prompts start with (`chat`: `chat_ids` by example id)."""
+    """Each env's valid first answer tokens (`valid_prefix_token_ids`), keyed by the
+    `prompt_key` of its prompts (`chat`: `chat_ids` by example id)."""
     from dynaplan.models.hf import valid_prefix_token_ids
-    from dynaplan.train.prefix import MIN_SHARED_PREFIX
 
     by_env: dict[str, set[tuple[int, ...]]] = {}
     for ex in examples:
-        by_env.setdefault(ex.env, set()).add(tuple(chat[id(ex)][0][:MIN_SHARED_PREFIX]))
+        by_env.setdefault(ex.env, set()).add(prompt_key(chat[id(ex)][0]))
     keys = [key for env_keys in by_env.values() for key in env_keys]
     if len(set(keys)) != len(keys):
         raise SftInputError(f"sft.format_loss_weight: prompts of different envs ({', '.join(sorted(by_env))}) start with the same tokens")
@@ -653,18 +658,17 @@ def run_sft(
         train_examples = env_batches(data.train, sft.batch_size, sft.seed, lengths=lengths[: len(data.train)])
     answer_tokens = [len(chat[id(ex)][1]) - len(chat[id(ex)][0]) for ex in train_examples]
     target_plans = [ex.completion.lstrip().startswith(PLAN_OPEN) for ex in train_examples]
-    first_weights = None
-    if sft.format_loss_weight > 0 and not shared:
-        raise SftInputError(
-            "sft.format_loss_weight scores each answer's first token, which only the shared-prefix loss does; "
-            "it does not run here (several processes?): set sft.format_loss_weight: 0"
-        )
-    if data.decision_weights is not None:
-        if not shared:
+    for key, on, does in (
+        ("plan_share", data.decision_weights is not None, "weighs"),
+        ("format_loss_weight", sft.format_loss_weight > 0, "scores"),
+    ):
+        if on and not shared:
             raise SftInputError(
-                "sft.plan_share weighs each answer's first token, which only the shared-prefix loss does; "
-                "it does not run here (several processes?): set sft.plan_share: 0"
+                f"sft.{key} {does} each answer's first token, which only the shared-prefix loss does; "
+                f"it does not run here (several processes?): set sft.{key}: 0"
             )
+    first_weights = None
+    if data.decision_weights is not None:
         first_weights = example_first_token_weights(train_examples, target_plans, data.decision_weights)
     trainer = sft_trainer_class()(
         model=model,
@@ -778,12 +782,13 @@ def completion_stats(
             # answers are right-aligned: a row's first answer token sits at G - len(answer)
             first = torch.tensor([out.targets.shape[1] - len(a) for a in answers])
             rows = torch.arange(len(batch))
-            plan_prob_student.extend(student[rows, first].exp()[:, plan_first_ids].sum(-1).tolist())
-            plan_prob_base.extend(base[rows, first].exp()[:, plan_first_ids].sum(-1).tolist())
+            student_first, base_first = student[rows, first].exp(), base[rows, first].exp()
+            plan_prob_student.extend(student_first[:, plan_first_ids].sum(-1).tolist())
+            plan_prob_base.extend(base_first[:, plan_first_ids].sum(-1).tolist())
             if start_ids is not None:
                 probs = valid_start.setdefault(env, {"student": [], "base": []})
-                probs["student"].extend(student[rows, first].exp()[:, start_ids].sum(-1).tolist())
-                probs["base"].extend(base[rows, first].exp()[:, start_ids].sum(-1).tolist())
+                probs["student"].extend(student_first[:, start_ids].sum(-1).tolist())
+                probs["base"].extend(base_first[:, start_ids].sum(-1).tolist())
     starts = {}
     if valid_start:
         starts = {
