@@ -201,7 +201,7 @@ class SftParams(Section):
     max_train_examples: int = Field(384, ge=0, description="cap on training examples: a seeded sample of the training episodes' steps; 0 = all")
     format_loss_weight: float = Field(
         10.0, ge=0.0,
-        description="weight of an extra loss term at every position of each training answer (and of its plan left unclosed): -log P(the next token keeps the answer one the strict protocol can still call valid; the end of turn only where it is complete) (dynaplan.train.format_loss). It pushes down only the mass on tokens that make the answer invalid, not the choice between valid ones; 1 weighs a position like one answer token. 0 = off. Needs the shared-prefix loss",
+        description="weight of an extra loss term per training answer: -log P(first answer token can begin a valid answer), the probability the student puts on the tokens the strict protocol lets an answer start with (an action's first piece, '<' of '<plan>'). It pushes down only the mass on tokens that make the answer invalid, not the choice between valid ones; 1 weighs it like one answer token. 0 = off. Needs the shared-prefix loss",
     )
     plan_share: float = Field(
         0.25, ge=0.0, lt=1.0,
@@ -246,7 +246,7 @@ class SftParams(Section):
     def _first_token_losses_need_shared_prefix(self) -> "SftParams":
         for key, value, does in (
             ("plan_share", self.plan_share, "weights each answer's first token"),
-            ("format_loss_weight", self.format_loss_weight, "scores each answer's next-token validity"),
+            ("format_loss_weight", self.format_loss_weight, "scores each answer's first token"),
         ):
             if value > 0 and not self.shared_prefix_possible:
                 raise ValueError(

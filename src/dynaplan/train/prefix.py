@@ -58,7 +58,6 @@ class PrefixForward:
     targets: torch.Tensor
     mask: torch.Tensor
     last_prompt: torch.Tensor
-    cache: object | None = None  # the keys and values of every position (keep_cache=True)
 
     def answer_hidden(self) -> torch.Tensor:
         """[B, G, H]: the hidden states that predict the answer tokens."""
@@ -85,13 +84,10 @@ def shared_prefix_forward(
     completions: Sequence[Sequence[int]],
     *,
     pad_id: int,
-    keep_cache: bool = False,
 ) -> PrefixForward:
     """One forward over prompt + answer tokens of a batch, the common prefix computed once
     (when it is at least MIN_SHARED_PREFIX tokens, read at call time, and the batch has 2+
-    rows). `model` is a causal LM, a PEFT model around one included (adapters stay active).
-    `keep_cache`: return the keys and values of every position (`format_loss.continue_rows`
-    runs more tokens on them)."""
+    rows). `model` is a causal LM, a PEFT model around one included (adapters stay active)."""
     from dynaplan.models.hf import CACHE_KW, output_cache
 
     batch = len(prompts)
@@ -123,13 +119,12 @@ def shared_prefix_forward(
         out = decoder(input_ids=torch.tensor([list(prompts[0][:prefix])], device=device), use_cache=True)
         cache = output_cache(out)
         cache.batch_repeat_interleave(batch)
-    result = decoder(
+    hidden = decoder(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-        position_ids=position_ids.to(device), use_cache=prefix > 0 or keep_cache, **{CACHE_KW: cache},
-    )
+        position_ids=position_ids.to(device), use_cache=prefix > 0, **{CACHE_KW: cache},
+    ).last_hidden_state
     return PrefixForward(
-        hidden=result.last_hidden_state,
-        cache=output_cache(result) if keep_cache else None,
+        hidden=hidden,
         gather=gather.to(device),
         targets=targets.to(device),
         mask=mask.to(device),

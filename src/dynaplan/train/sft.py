@@ -27,7 +27,6 @@ import torch
 
 from dynaplan.agent.protocol import PLAN_OPEN, parse_output
 from dynaplan.config import Params
-from dynaplan.train.format_loss import FormatLoss
 from dynaplan.train.sft_data import (
     SftExample,
     SftInputError,
@@ -367,7 +366,7 @@ def sft_trainer_class():
         def __init__(
             self, *args, shared_prefix: bool = True, loss_tokens_per_step: float | None = None,
             first_token_weights: dict[tuple[int, ...], float] | None = None,
-            format_loss=None, **kwargs,
+            format_loss: tuple[float, dict[tuple[int, ...], torch.Tensor]] | None = None, **kwargs,
         ):
             super().__init__(*args, **kwargs)
             self.shared_prefix = shared_prefix
@@ -387,26 +386,26 @@ def sft_trainer_class():
             weighted = (self.first_token_weights is not None or self.format_loss is not None) and self.model.training
             if weighted and not groups:
                 raise RuntimeError(
-                    "sft.plan_share and sft.format_loss_weight score answer tokens in a way only the "
+                    "sft.plan_share and sft.format_loss_weight score each answer's first token, which only the "
                     "shared-prefix loss does, but this training batch is not a batch of prompts followed by labelled answers"
                 )
             if not weighted and not any(len(g) > 1 for g in groups):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             pad_id = self.processing_class.pad_token_id
             nll = valid = entropy = correct = format_nll = 0.0
-            scored = self.format_loss is not None and self.model.training
             for group in groups:  # one forward per system prompt (a batch that spans two envs: two)
-                prompts, answers = [rows[0][i] for i in group], [rows[1][i] for i in group]
-                out = shared_prefix_forward(model, prompts, answers, pad_id=pad_id if pad_id is not None else 0, keep_cache=scored)
+                out = shared_prefix_forward(
+                    model, [rows[0][i] for i in group], [rows[1][i] for i in group], pad_id=pad_id if pad_id is not None else 0
+                )
                 logp_all = torch.log_softmax(out.answer_logits(model), dim=-1)
                 weight = out.mask
                 if self.first_token_weights is not None:
                     weight = first_token_weighting(out.mask, [rows[0][i] + rows[1][i] for i in group], self.first_token_weights)
                 nll = nll - (logp_all.gather(-1, out.targets.unsqueeze(-1)).squeeze(-1) * weight).sum()
-                if scored:
-                    answer_nll = self.format_loss.group_nll(model, out, prompts, answers, logp_all)
-                    nll = nll + self.format_loss.weight * answer_nll.sum()
-                    format_nll += answer_nll.detach().sum().item()
+                if self.format_loss is not None and self.model.training:
+                    start_nll = valid_start_nll(logp_all, out.mask, self.format_loss[1], rows[0][group[0]])
+                    nll = nll + self.format_loss[0] * start_nll.sum()
+                    format_nll += start_nll.detach().sum().item()
                 with torch.no_grad():  # TRL's training metrics, over the same answer tokens
                     valid += out.mask.sum().item()
                     entropy += (-(logp_all.exp() * logp_all).sum(-1) * out.mask).sum().item()
@@ -415,8 +414,8 @@ def sft_trainer_class():
             loss = nll / torch.as_tensor(num_tokens).clamp(min=1)
             self._metrics["train"]["entropy"].append(entropy / valid if valid > 0 else 0.0)
             self._metrics["train"]["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
-            if self.format_loss is not None:  # mean summed -log P(valid next token) per answer
-                self._metrics["train"]["format_nll"].append(format_nll / len(rows[0]))
+            if self.format_loss is not None:  # mean -log P(valid first token) over the batch's answers
+                self._metrics["train"]["valid_start_nll"].append(format_nll / len(rows[0]))
             self._total_train_tokens += int(inputs["attention_mask"].sum().item())
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return loss
@@ -424,16 +423,36 @@ def sft_trainer_class():
     return DynaplanSFTTrainer
 
 
-def format_actions(chat: dict, examples: Sequence[SftExample], params: Params) -> dict[tuple[int, ...], tuple[str, ...]]:
-    """Each env's action names keyed by the `prompt_key` of its prompts (`chat`: `chat_ids` by
-    example id): how the format loss knows a training row's env."""
+def valid_start_nll(
+    logp: torch.Tensor, mask: torch.Tensor, start_ids: dict[tuple[int, ...], torch.Tensor], prompt: Sequence[int]
+) -> torch.Tensor:
+    """[B]: -log P(first answer token can begin a valid answer) of each row of one shared-prefix
+    group (`logp` [B, G, V] log-probs of right-aligned answers, `mask` [B, G]); the valid first
+    tokens are those of the env whose prompt starts like `prompt` (`start_ids`, keyed by
+    `prompt_key`)."""
+    key = prompt_key(prompt)
+    if key not in start_ids:
+        raise RuntimeError(f"sft.format_loss_weight: a training row starts with a prompt of no known env ({len(prompt)} tokens)")
+    first = mask.shape[1] - mask.sum(-1).long()
+    rows = torch.arange(logp.shape[0], device=logp.device)
+    return -torch.logsumexp(logp[rows, first][:, start_ids[key].to(logp.device)], dim=-1)
+
+
+def format_start_ids(tokenizer, chat: dict, examples: Sequence[SftExample], params: Params) -> dict[tuple[int, ...], torch.Tensor]:
+    """Each env's valid first answer tokens (`valid_prefix_token_ids`), keyed by the
+    `prompt_key` of its prompts (`chat`: `chat_ids` by example id)."""
+    from dynaplan.models.hf import valid_prefix_token_ids
+
     by_env: dict[str, set[tuple[int, ...]]] = {}
     for ex in examples:
         by_env.setdefault(ex.env, set()).add(prompt_key(chat[id(ex)][0]))
     keys = [key for env_keys in by_env.values() for key in env_keys]
     if len(set(keys)) != len(keys):
         raise SftInputError(f"sft.format_loss_weight: prompts of different envs ({', '.join(sorted(by_env))}) start with the same tokens")
-    return {key: _action_names(env, params) for env, env_keys in by_env.items() for key in env_keys}
+    return {
+        key: torch.tensor(valid_prefix_token_ids(tokenizer, _action_names(env, params)), dtype=torch.long)
+        for env, env_keys in by_env.items() for key in env_keys
+    }
 
 
 def first_token_weighting(mask: torch.Tensor, sequences: Sequence[Sequence[int]], weights: dict[tuple[int, ...], float]) -> torch.Tensor:
@@ -640,12 +659,12 @@ def run_sft(
     answer_tokens = [len(chat[id(ex)][1]) - len(chat[id(ex)][0]) for ex in train_examples]
     target_plans = [ex.completion.lstrip().startswith(PLAN_OPEN) for ex in train_examples]
     for key, on, does in (
-        ("plan_share", data.decision_weights is not None, "weighs each answer's first token"),
-        ("format_loss_weight", sft.format_loss_weight > 0, "scores each answer's next-token validity"),
+        ("plan_share", data.decision_weights is not None, "weighs"),
+        ("format_loss_weight", sft.format_loss_weight > 0, "scores"),
     ):
         if on and not shared:
             raise SftInputError(
-                f"sft.{key} {does}, which only the shared-prefix loss does; "
+                f"sft.{key} {does} each answer's first token, which only the shared-prefix loss does; "
                 f"it does not run here (several processes?): set sft.{key}: 0"
             )
     first_weights = None
@@ -662,7 +681,7 @@ def run_sft(
         shared_prefix=shared,
         loss_tokens_per_step=loss_tokens_per_step(params, answer_tokens),
         first_token_weights=None if first_weights is None else weights_by_token_ids([chat[id(ex)][1] for ex in train_examples], first_weights),
-        format_loss=FormatLoss(tokenizer, sft.format_loss_weight, format_actions(chat, train_examples, params)) if sft.format_loss_weight > 0 else None,
+        format_loss=(sft.format_loss_weight, format_start_ids(tokenizer, chat, train_examples, params)) if sft.format_loss_weight > 0 else None,
     )
 
     # 3. Train, resuming optimizer, scheduler, RNG and data order from the last checkpoint.
