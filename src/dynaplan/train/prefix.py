@@ -74,6 +74,12 @@ class PrefixForward:
         return self.hidden[rows, self.last_prompt]
 
 
+def first_answer_positions(mask: torch.Tensor) -> torch.Tensor:
+    """[B]: the column of each row's first answer token in a [B, G] mask of right-aligned answers
+    (`PrefixForward.mask`)."""
+    return mask.shape[1] - mask.sum(-1).long()
+
+
 def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 

@@ -27,6 +27,7 @@ import torch
 
 from dynaplan.agent.protocol import PLAN_OPEN, parse_output
 from dynaplan.config import Params
+from dynaplan.train.prefix import first_answer_positions
 from dynaplan.train.sft_data import (
     SftExample,
     SftInputError,
@@ -433,7 +434,7 @@ def valid_start_nll(
     key = prompt_key(prompt)
     if key not in start_ids:
         raise RuntimeError(f"sft.format_loss_weight: a training row starts with a prompt of no known env ({len(prompt)} tokens)")
-    first = mask.shape[1] - mask.sum(-1).long()
+    first = first_answer_positions(mask)
     rows = torch.arange(logp.shape[0], device=logp.device)
     return -torch.logsumexp(logp[rows, first][:, start_ids[key].to(logp.device)], dim=-1)
 
@@ -449,17 +450,15 @@ def format_start_ids(tokenizer, chat: dict, examples: Sequence[SftExample], para
     keys = [key for env_keys in by_env.values() for key in env_keys]
     if len(set(keys)) != len(keys):
         raise SftInputError(f"sft.format_loss_weight: prompts of different envs ({', '.join(sorted(by_env))}) start with the same tokens")
-    return {
-        key: torch.tensor(valid_prefix_token_ids(tokenizer, _action_names(env, params)), dtype=torch.long)
-        for env, env_keys in by_env.items() for key in env_keys
-    }
+    ids = {env: torch.tensor(valid_prefix_token_ids(tokenizer, _action_names(env, params)), dtype=torch.long) for env in by_env}
+    return {key: ids[env] for env, env_keys in by_env.items() for key in env_keys}
 
 
 def first_token_weighting(mask: torch.Tensor, sequences: Sequence[Sequence[int]], weights: dict[tuple[int, ...], float]) -> torch.Tensor:
     """`mask` ([B, G], right-aligned answers) with each row's first answer token scaled by its
     sequence's weight (`weights`, keyed by the row's prompt + answer token ids)."""
     weighted = mask.clone().float()
-    first = mask.shape[1] - mask.sum(-1).long()
+    first = first_answer_positions(mask)
     for row, ids in enumerate(sequences):
         key = tuple(ids)
         if key not in weights:
@@ -779,9 +778,8 @@ def completion_stats(
             nll_sum -= float(student.gather(-1, out.targets.unsqueeze(-1)).squeeze(-1)[mask].sum())
             kl_sum += float((student.exp() * (student - base)).sum(-1)[mask].sum())
             tokens += int(mask.sum())
-            # answers are right-aligned: a row's first answer token sits at G - len(answer)
-            first = torch.tensor([out.targets.shape[1] - len(a) for a in answers])
-            rows = torch.arange(len(batch))
+            first = first_answer_positions(out.mask)
+            rows = torch.arange(len(batch), device=first.device)
             student_first, base_first = student[rows, first].exp(), base[rows, first].exp()
             plan_prob_student.extend(student_first[:, plan_first_ids].sum(-1).tolist())
             plan_prob_base.extend(base_first[:, plan_first_ids].sum(-1).tolist())
