@@ -207,14 +207,6 @@ class SftParams(Section):
         0.25, ge=0.0, lt=1.0,
         description="share of each env's sampled training steps that are steps where the teacher planned (a seeded stratified sample); 0 = a plain seeded sample at the teacher's own rate. The dynamic student sees more plans to learn to write them, while the loss on an answer's first token (open a plan or act) is importance-weighted back to the teacher's per-env rate, so P(open a plan) still aims at it. Needs the shared-prefix loss",
     )
-    format_loss_gradient: Literal["valid_mass", "invalid_logits"] = Field(
-        "valid_mass",
-        description="where the format loss's gradient goes (same loss value): valid_mass = -log P(valid first token) through every logit, which pulls each valid token up in proportion to its probability, so the likely acting tokens gain on the rare '<' of a plan (measured to lower P(open a plan)); invalid_logits = only the invalid tokens' logits are pushed down (the valid tokens' summed probability detached), the valid first tokens keep their ratios",
-    )
-    plan_decision_scale: float = Field(
-        1.0, gt=0.0, le=4.0,
-        description="moves the loss's fixed point for P(open a plan) (the first-token weights of sft.plan_share) to this multiple of the teacher's per-env plan rate, capped at 0.95; 1 = the teacher's rate. For a student that plans below the teacher after a short run (the format loss lowers its plan rate). Needs the shared-prefix loss",
-    )
     eval_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of episodes (per env) held out")
     eval_examples: int = Field(24, ge=1, description="held-out steps used for greedy answers and KL (seeded sample)")
     lora: LoraParams = LoraParams()
@@ -252,17 +244,16 @@ class SftParams(Section):
 
     @model_validator(mode="after")
     def _first_token_losses_need_shared_prefix(self) -> "SftParams":
-        for key, value, off, does in (
-            ("plan_share", self.plan_share, 0, "weights each answer's first token"),
-            ("format_loss_weight", self.format_loss_weight, 0, "scores each answer's first token"),
-            ("plan_decision_scale", self.plan_decision_scale, 1, "weights each answer's first token"),
+        for key, value, does in (
+            ("plan_share", self.plan_share, "weights each answer's first token"),
+            ("format_loss_weight", self.format_loss_weight, "scores each answer's first token"),
         ):
-            if value != off and not self.shared_prefix_possible:
+            if value > 0 and not self.shared_prefix_possible:
                 raise ValueError(
                     f"sft.{key}={value} {does}, which only the shared-prefix "
                     f"loss does: it needs sft.shared_prefix true (is {self.shared_prefix}), sft.batch_size > 1 "
                     f"(is {self.batch_size}) and sft.gradient_checkpointing false (is {self.gradient_checkpointing}); "
-                    f"or set sft.{key}: {off}"
+                    f"or set sft.{key}: 0"
                 )
         return self
 

@@ -239,20 +239,6 @@ def test_plan_share_samples_more_plans_and_weighs_the_decision_back_to_the_teach
         assert plan_rate_fixed_point(planned, [1] * len(sample), 4, "dataset") == pytest.approx(0.5, abs=0.05)
     with pytest.raises(Exception, match="sft.plan_share=0.5 .* sft.shared_prefix true"):
         parse_params({"sft": {**TINY_SFT, "plan_share": 0.5, "shared_prefix": False}})
-    # sft.plan_decision_scale moves the fixed point to a multiple of the teacher's rate, also
-    # for a plain sample (plan_share 0), and never for the naive variant
-    for share in (0.5, 0.0):
-        scaled = parse_params({"sft": {**TINY_SFT, "max_train_examples": count, "plan_share": share, "plan_decision_scale": 1.5}})
-        assert load_data(scaled, "naive", _paths(teacher_data, tiny_model_dir)).decision_weights is None
-        more = load_data(scaled, "dynamic", _paths(teacher_data, tiny_model_dir))
-        for env, (w_plan, w_act) in more.decision_weights.items():
-            sample = [ex for ex in more.train if ex.env == env]
-            teacher = np.mean([r["planned"] for r in pool if r["env"] == env])
-            planned = [ex.completion.startswith(PLAN_OPEN) for ex in sample]
-            weights = [w_plan if p else w_act for p in planned]
-            assert plan_rate_fixed_point(planned, [1] * len(sample), 4, "dataset", weights) == pytest.approx(1.5 * teacher)
-    with pytest.raises(Exception, match="sft.plan_decision_scale=1.5 .* or set sft.plan_decision_scale: 1"):
-        parse_params({"sft": {**TINY_SFT, "plan_share": 0.0, "format_loss_weight": 0.0, "plan_decision_scale": 1.5, "shared_prefix": False}})
 
 
 def test_first_token_weights_scale_exactly_the_answers_first_token(teacher_data, tiny_model_dir, monkeypatch):
@@ -329,8 +315,8 @@ def test_format_loss_adds_the_weighted_nll_of_a_valid_first_answer_token(teacher
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(mixed))])
     trainer.model.train()
 
-    def loss(weight, invalid_only=False):
-        trainer.format_loss = None if weight is None else (weight, ids, invalid_only)
+    def loss(weight):
+        trainer.format_loss = None if weight is None else (weight, ids)
         with torch.no_grad():
             return type(trainer).compute_loss(trainer, trainer.model, dict(batch), num_items_in_batch=torch.tensor(40)).item()
 
@@ -346,41 +332,9 @@ def test_format_loss_adds_the_weighted_nll_of_a_valid_first_answer_token(teacher
     plain = loss(None)
     assert loss(0.0) == pytest.approx(plain, rel=1e-6)
     assert loss(2.0) - plain == pytest.approx(2.0 * expected / 40, rel=1e-4)
-    assert loss(2.0, invalid_only=True) - plain == pytest.approx(2.0 * expected / 40, rel=1e-4)  # same value
     assert trainer._metrics["train"]["valid_start_nll"][-1] == pytest.approx(expected / len(mixed), rel=1e-4)
     with pytest.raises(Exception, match="sft.format_loss_weight=1.0 .* sft.shared_prefix true"):
         parse_params({"sft": {**TINY_SFT, "plan_share": 0.0, "format_loss_weight": 1.0, "shared_prefix": False}})
-
-
-def test_format_loss_gradient_invalid_logits_has_the_same_value_and_moves_only_the_invalid_logits():
-    """sft.format_loss_gradient: both modes are -log P(valid first token); valid_mass pulls every
-    valid logit up by its probability share, invalid_logits leaves the valid logits' gradient at 0
-    and pushes each invalid one down by its probability."""
-    import torch
-
-    from dynaplan.train.sft import prompt_key, valid_start_nll
-
-    gen = torch.Generator().manual_seed(0)
-    prompt = [5, 6, 7]
-    ids = {prompt_key(prompt): torch.tensor([1, 4, 7])}
-    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # right-aligned answers: first positions 1 and 0
-    logits = torch.randn(2, 4, 10, generator=gen) * 3
-    grads, values = {}, {}
-    for invalid_only in (False, True):
-        z = logits.clone().requires_grad_(True)
-        nll = valid_start_nll(z, mask, ids, prompt, invalid_only=invalid_only)
-        nll.sum().backward()
-        values[invalid_only], grads[invalid_only] = nll.detach(), z.grad
-    first = z.detach()[[0, 1], [1, 0]]
-    p = first.softmax(-1)
-    valid = torch.zeros(10, dtype=torch.bool)
-    valid[[1, 4, 7]] = True
-    assert torch.allclose(values[False], -p[:, valid].sum(-1).log(), atol=1e-5)
-    assert torch.allclose(values[True], values[False], atol=1e-5)
-    g_mass, g_inv = grads[False][[0, 1], [1, 0]], grads[True][[0, 1], [1, 0]]
-    assert torch.allclose(g_inv[:, valid], torch.zeros(2, 3)) and torch.allclose(g_inv[:, ~valid], p[:, ~valid], atol=1e-6)
-    assert torch.allclose(g_mass[:, valid], -p[:, valid] * (1 / p[:, valid].sum(-1, keepdim=True) - 1), atol=1e-5)
-    assert float(grads[True].abs().sum()) == pytest.approx(float(g_inv.abs().sum()))  # only the first answer positions
 
 
 def test_valid_start_probability_is_the_first_answer_tokens_mass_that_can_still_end_valid(teacher_data, tiny_model_dir):

@@ -158,7 +158,7 @@ class SftData:
     heldout: list[SftExample]  # the held-out sample used for every held-out metric
     dataset_digest: str
     # per env, (weight of an answer that opens a plan, of one that acts) on the answer's first
-    # token (sft.plan_share, sft.plan_decision_scale; None: every token weighs 1)
+    # token (sft.plan_share; None: every token weighs 1)
     decision_weights: dict[str, tuple[float, float]] | None = None
 
 
@@ -169,8 +169,7 @@ def load_data(params: Params, variant: str, paths: SftPaths) -> SftData:
     pool, heldout_rows = split_by_episode(rows, sft.eval_fraction, sft.seed)
     train_rows = sample_train_rows(pool, sft.max_train_examples or len(pool), sft.seed, sft.plan_share)
     # the naive variant trains on the same steps; with no plans there is no decision to weigh
-    weighs = (sft.plan_share > 0 or sft.plan_decision_scale != 1.0) and variant == "dynamic"
-    weights = decision_weights(pool, train_rows, sft.plan_decision_scale) if weighs else None
+    weights = decision_weights(pool, train_rows) if sft.plan_share > 0 and variant == "dynamic" else None
     heldout_rows = sample_rows(heldout_rows, sft.eval_examples, sft.seed + 1)
     digest = report.get("dataset_digest") or report.get("digest") or _folder_digest(paths.data_dir)
     # The naive prompts are rebuilt under the same token budget the dynamic ones were built with.
@@ -368,7 +367,7 @@ def sft_trainer_class():
         def __init__(
             self, *args, shared_prefix: bool = True, loss_tokens_per_step: float | None = None,
             first_token_weights: dict[tuple[int, ...], float] | None = None,
-            format_loss: tuple[float, dict[tuple[int, ...], torch.Tensor], bool] | None = None, **kwargs,
+            format_loss: tuple[float, dict[tuple[int, ...], torch.Tensor]] | None = None, **kwargs,
         ):
             super().__init__(*args, **kwargs)
             self.shared_prefix = shared_prefix
@@ -399,16 +398,13 @@ def sft_trainer_class():
                 out = shared_prefix_forward(
                     model, [rows[0][i] for i in group], [rows[1][i] for i in group], pad_id=pad_id if pad_id is not None else 0
                 )
-                logits = out.answer_logits(model)
-                logp_all = torch.log_softmax(logits, dim=-1)
+                logp_all = torch.log_softmax(out.answer_logits(model), dim=-1)
                 weight = out.mask
                 if self.first_token_weights is not None:
                     weight = first_token_weighting(out.mask, [rows[0][i] + rows[1][i] for i in group], self.first_token_weights)
                 nll = nll - (logp_all.gather(-1, out.targets.unsqueeze(-1)).squeeze(-1) * weight).sum()
                 if self.format_loss is not None and self.model.training:
-                    start_nll = valid_start_nll(
-                        logits, out.mask, self.format_loss[1], rows[0][group[0]], invalid_only=self.format_loss[2]
-                    )
+                    start_nll = valid_start_nll(logp_all, out.mask, self.format_loss[1], rows[0][group[0]])
                     nll = nll + self.format_loss[0] * start_nll.sum()
                     format_nll += start_nll.detach().sum().item()
                 with torch.no_grad():  # TRL's training metrics, over the same answer tokens
@@ -429,29 +425,18 @@ def sft_trainer_class():
 
 
 def valid_start_nll(
-    logits: torch.Tensor, mask: torch.Tensor, start_ids: dict[tuple[int, ...], torch.Tensor], prompt: Sequence[int],
-    invalid_only: bool = False,
+    logp: torch.Tensor, mask: torch.Tensor, start_ids: dict[tuple[int, ...], torch.Tensor], prompt: Sequence[int]
 ) -> torch.Tensor:
     """[B]: -log P(first answer token can begin a valid answer) of each row of one shared-prefix
-    group (`logits` [B, G, V] of right-aligned answers, `mask` [B, G]); the valid first
+    group (`logp` [B, G, V] log-probs of right-aligned answers, `mask` [B, G]); the valid first
     tokens are those of the env whose prompt starts like `prompt` (`start_ids`, keyed by
-    `prompt_key`). `invalid_only` (sft.format_loss_gradient: invalid_logits): the same value,
-    log(1 + S_invalid / S_valid) with S the summed exp(logit), with S_valid detached, so the
-    gradient reaches only the invalid tokens' logits and the valid ones keep their ratios
-    (-log P(valid) pulls each valid logit up in proportion to its probability: the likelier
-    acting tokens gain on the rare `<` of a plan)."""
+    `prompt_key`)."""
     key = prompt_key(prompt)
     if key not in start_ids:
         raise RuntimeError(f"sft.format_loss_weight: a training row starts with a prompt of no known env ({len(prompt)} tokens)")
     first = first_answer_positions(mask)
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    z = logits[rows, first].float()
-    ids = start_ids[key].to(logits.device)
-    valid = torch.logsumexp(z[:, ids], dim=-1)
-    if not invalid_only:
-        return torch.logsumexp(z, dim=-1) - valid
-    invalid = torch.logsumexp(z.index_fill(1, ids, float("-inf")), dim=-1)
-    return torch.nn.functional.softplus(invalid - valid.detach())
+    rows = torch.arange(logp.shape[0], device=logp.device)
+    return -torch.logsumexp(logp[rows, first][:, start_ids[key].to(logp.device)], dim=-1)
 
 
 def format_start_ids(tokenizer, chat: dict, examples: Sequence[SftExample], params: Params) -> dict[tuple[int, ...], torch.Tensor]:
@@ -695,10 +680,7 @@ def run_sft(
         shared_prefix=shared,
         loss_tokens_per_step=loss_tokens_per_step(params, answer_tokens),
         first_token_weights=None if first_weights is None else weights_by_token_ids([chat[id(ex)][1] for ex in train_examples], first_weights),
-        format_loss=(
-            sft.format_loss_weight, format_start_ids(tokenizer, chat, train_examples, params),
-            sft.format_loss_gradient == "invalid_logits",
-        ) if sft.format_loss_weight > 0 else None,
+        format_loss=(sft.format_loss_weight, format_start_ids(tokenizer, chat, train_examples, params)) if sft.format_loss_weight > 0 else None,
     )
 
     # 3. Train, resuming optimizer, scheduler, RNG and data order from the last checkpoint.

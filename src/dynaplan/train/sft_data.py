@@ -171,16 +171,14 @@ def sample_train_rows(pool: Sequence[dict], count: int, seed: int, plan_share: f
     return sample_rows(pool, count, seed)
 
 
-def decision_weights(pool: Sequence[dict], sample: Sequence[dict], scale: float = 1.0) -> dict[str, tuple[float, float]]:
+def decision_weights(pool: Sequence[dict], sample: Sequence[dict]) -> dict[str, tuple[float, float]]:
     """Per env, (weight of a planned step, weight of an acting step) on the answer's first token,
     the decision to open a plan: the importance weights that take the sample's plan rate back to
     the pool's (the teacher's), so that the weighted loss's fixed point for P(open a plan) is the
-    teacher's rate however the sample was stratified. (1, 1) for an env sampled at its own rate.
-    `scale` (sft.plan_decision_scale) moves that fixed point to `scale` x the teacher's rate
-    (capped at 0.95)."""
+    teacher's rate however the sample was stratified. (1, 1) for an env sampled at its own rate."""
     weights = {}
     for env in sorted({row["env"] for row in sample}):
-        teacher = min(0.95, scale * float(np.mean([row["planned"] for row in pool if row["env"] == env])))
+        teacher = float(np.mean([row["planned"] for row in pool if row["env"] == env]))
         sampled = float(np.mean([row["planned"] for row in sample if row["env"] == env]))
         weights[env] = (teacher / sampled if sampled > 0 else 1.0, (1 - teacher) / (1 - sampled) if sampled < 1 else 1.0)
     return weights
