@@ -203,14 +203,6 @@ class SftParams(Section):
         10.0, ge=0.0,
         description="weight of an extra loss term per training answer: -log P(first answer token can begin a valid answer), the probability the student puts on the tokens the strict protocol lets an answer start with (an action's first piece, '<' of '<plan>'). It pushes down only the mass on tokens that make the answer invalid, not the choice between valid ones; 1 weighs it like one answer token. 0 = off. Needs the shared-prefix loss",
     )
-    format_loss_scope: Literal["first_token", "outside_plan"] = Field(
-        "first_token",
-        description="where the format loss scores: first_token = the answer's first token; outside_plan = also every later answer token outside the plan's text (the rest of the `<plan>` tag, the closing tag, the action after it, the untagged action, the end-of-turn), each -log P(a token that keeps the answer a valid prefix), summed per answer. The plan's text is never scored: doing so taught the student not to end its plans",
-    )
-    format_loss_gradient: Literal["valid_mass", "uniform_valid"] = Field(
-        "valid_mass",
-        description="how the first-token format loss pushes the valid tokens (same loss value): valid_mass = the exact gradient of -log P(valid first token), which raises each valid token in proportion to its probability, so the likely acting tokens gain on the rare '<' of a plan (measured to lower P(open a plan) at high weights); uniform_valid = every valid first token's logit gets the same push, the ratios between them (the plan decision) left alone",
-    )
     plan_share: float = Field(
         0.25, ge=0.0, lt=1.0,
         description="share of each env's sampled training steps that are steps where the teacher planned (a seeded stratified sample); 0 = a plain seeded sample at the teacher's own rate. The dynamic student sees more plans to learn to write them, while the loss on an answer's first token (open a plan or act) is importance-weighted back to the teacher's per-env rate, so P(open a plan) still aims at it. Needs the shared-prefix loss",
