@@ -203,10 +203,6 @@ class SftParams(Section):
         10.0, ge=0.0,
         description="weight of an extra loss term per training answer: -log P(first answer token can begin a valid answer), the probability the student puts on the tokens the strict protocol lets an answer start with (an action's first piece, '<' of '<plan>'). It pushes down only the mass on tokens that make the answer invalid, not the choice between valid ones; 1 weighs it like one answer token. 0 = off. Needs the shared-prefix loss",
     )
-    plan_vocab_loss_weight: float = Field(
-        0.0, ge=0.0,
-        description="weight of an extra loss term at every answer token inside a plan block (after <plan>, through </plan>): -log P(next token is one the teacher's plans of this env use), the mass the student puts outside the teacher's plan language; 1 weighs a position like one answer token. 0 = off. Needs the shared-prefix loss (dynaplan.train.plan_vocab)",
-    )
     plan_share: float = Field(
         0.25, ge=0.0, lt=1.0,
         description="share of each env's sampled training steps that are steps where the teacher planned (a seeded stratified sample); 0 = a plain seeded sample at the teacher's own rate. The dynamic student sees more plans to learn to write them, while the loss on an answer's first token (open a plan or act) is importance-weighted back to the teacher's per-env rate, so P(open a plan) still aims at it. Needs the shared-prefix loss",
@@ -251,7 +247,6 @@ class SftParams(Section):
         for key, value, does in (
             ("plan_share", self.plan_share, "weights each answer's first token"),
             ("format_loss_weight", self.format_loss_weight, "scores each answer's first token"),
-            ("plan_vocab_loss_weight", self.plan_vocab_loss_weight, "scores each plan token"),
         ):
             if value > 0 and not self.shared_prefix_possible:
                 raise ValueError(

@@ -337,66 +337,6 @@ def test_format_loss_adds_the_weighted_nll_of_a_valid_first_answer_token(teacher
         parse_params({"sft": {**TINY_SFT, "plan_share": 0.0, "format_loss_weight": 1.0, "shared_prefix": False}})
 
 
-def test_plan_vocab_loss_adds_the_weighted_nll_of_the_teacher_plan_language_inside_plans(teacher_data, tiny_model_dir):
-    """sft.plan_vocab_loss_weight: the shared-prefix loss plus weight x -log P(next token is one
-    the env's teacher plans use) at every answer position inside a plan block (after <plan>,
-    through </plan>), equal to a plain full forward of each example; answers without a plan add
-    nothing; the vocabulary holds every trained plan token."""
-    import torch
-
-    from dynaplan.train.plan_vocab import plan_positions, tag_ids
-    from dynaplan.train.sft import (
-        chat_ids, load_base, load_data, make_config, make_lora_config, plan_vocab_setting, sft_trainer_class, to_dataset,
-    )
-
-    params = parse_params({"sft": {**TINY_SFT, "plan_share": 0.0, "lora": {**TINY_SFT["lora"], "dropout": 0.0}}})
-    data = load_data(params, "dynamic", _paths(teacher_data, tiny_model_dir))
-    assert data.plan_texts and all(t.startswith("<plan>") for texts in data.plan_texts.values() for t in texts)
-    planned = [ex for ex in data.train if ex.completion.startswith("<plan>")]
-    acting = [ex for ex in data.train if not ex.completion.startswith("<plan>")]
-    mixed = [ex for ex in planned if ex.env == "crafter"][:2] + [ex for ex in acting if ex.env == "crafter"][:1] + \
-        [ex for ex in planned if ex.env == "pogs"][:1] + [ex for ex in acting if ex.env == "pogs"][:1]
-    assert len(mixed) == 5
-    model, tokenizer = load_base(tiny_model_dir)
-    chat = {id(ex): chat_ids(tokenizer, ex) for ex in mixed}
-    setting = plan_vocab_setting(tokenizer, chat, mixed, data, 3.0)
-    _, vocab, open_ids, close_ids = setting
-    assert len(vocab) == 2
-    assert plan_vocab_setting(tokenizer, chat, acting[:3], data, 3.0) is None  # no plan to score (naive)
-    assert plan_vocab_setting(tokenizer, chat, mixed, data, 0.0) is None
-    trainer = sft_trainer_class()(
-        model=model, args=make_config(params, teacher_data / "plan-vocab", has_eval=False),
-        train_dataset=to_dataset(mixed), processing_class=tokenizer, peft_config=make_lora_config(params),
-    )
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(mixed))])
-    trainer.model.train()
-
-    def loss(weight):
-        trainer.plan_vocab = None if weight is None else (weight, vocab, open_ids, close_ids)
-        with torch.no_grad():
-            return type(trainer).compute_loss(trainer, trainer.model, dict(batch), num_items_in_batch=torch.tensor(40)).item()
-
-    expected, positions = 0.0, 0
-    with torch.no_grad():
-        for ex in mixed:
-            prompt, full = chat[id(ex)]
-            answer = full[len(prompt):]
-            inside = plan_positions(answer, open_ids, close_ids)
-            assert bool(inside) == ex.completion.startswith("<plan>")
-            env_vocab = next(v for k, v in vocab.items() if tuple(prompt[: len(k)]) == k)
-            assert {answer[i] for i in inside} <= set(env_vocab.tolist())
-            logp = trainer.model(torch.tensor([full])).logits[0].float().log_softmax(-1)
-            for i in inside:
-                expected -= float(torch.logsumexp(logp[len(prompt) + i - 1, env_vocab], -1))
-            positions += len(inside)
-    plain = loss(None)
-    assert loss(0.0) == pytest.approx(plain, rel=1e-6)
-    assert loss(2.0) - plain == pytest.approx(2.0 * expected / 40, rel=1e-4)
-    assert trainer._metrics["train"]["plan_vocab_nll"][-1] == pytest.approx(expected / positions, rel=1e-4)
-    with pytest.raises(Exception, match="sft.plan_vocab_loss_weight=1.0 .* sft.shared_prefix true"):
-        parse_params({"sft": {**TINY_SFT, "plan_share": 0.0, "format_loss_weight": 0.0, "plan_vocab_loss_weight": 1.0, "shared_prefix": False}})
-
-
 def test_valid_start_probability_is_the_first_answer_tokens_mass_that_can_still_end_valid(teacher_data, tiny_model_dir):
     """completion_stats' valid_start_prob (student) and base_valid_start_prob: the probability,
     at the first answer position, of the tokens a valid answer can begin with, per prompt and

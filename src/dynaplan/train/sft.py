@@ -19,7 +19,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,6 @@ import torch
 
 from dynaplan.agent.protocol import PLAN_OPEN, parse_output
 from dynaplan.config import Params
-from dynaplan.train.plan_vocab import plan_mask, plan_vocab_ids, plan_vocab_nll, tag_ids
 from dynaplan.train.prefix import first_answer_positions
 from dynaplan.train.sft_data import (
     SftExample,
@@ -36,7 +35,6 @@ from dynaplan.train.sft_data import (
     check_validated,
     decision_weights,
     env_batches,
-    plan_answers,
     read_rows,
     sample_rows,
     sample_train_rows,
@@ -162,8 +160,6 @@ class SftData:
     # per env, (weight of an answer that opens a plan, of one that acts) on the answer's first
     # token (sft.plan_share; None: every token weighs 1)
     decision_weights: dict[str, tuple[float, float]] | None = None
-    # per env, the training episodes' plan answers (the teacher's plan language; dynamic variant)
-    plan_texts: dict[str, list[str]] = field(default_factory=dict)
 
 
 def load_data(params: Params, variant: str, paths: SftPaths) -> SftData:
@@ -185,7 +181,6 @@ def load_data(params: Params, variant: str, paths: SftPaths) -> SftData:
         heldout=build_examples(heldout_rows, variant, **budget),
         dataset_digest=str(digest),
         decision_weights=weights,
-        plan_texts=plan_answers(pool) if variant == "dynamic" else {},
     )
 
 
@@ -372,15 +367,13 @@ def sft_trainer_class():
         def __init__(
             self, *args, shared_prefix: bool = True, loss_tokens_per_step: float | None = None,
             first_token_weights: dict[tuple[int, ...], float] | None = None,
-            format_loss: tuple[float, dict[tuple[int, ...], torch.Tensor]] | None = None,
-            plan_vocab: tuple[float, dict[tuple[int, ...], torch.Tensor], list[int], list[int]] | None = None, **kwargs,
+            format_loss: tuple[float, dict[tuple[int, ...], torch.Tensor]] | None = None, **kwargs,
         ):
             super().__init__(*args, **kwargs)
             self.shared_prefix = shared_prefix
             self.loss_tokens_per_step = loss_tokens_per_step
             self.first_token_weights = first_token_weights
             self.format_loss = format_loss
-            self.plan_vocab = plan_vocab
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.loss_tokens_per_step is not None and num_items_in_batch is not None and self.model.training:
@@ -391,9 +384,7 @@ def sft_trainer_class():
             groups = prefix_groups(rows[0]) if rows is not None else []
             # sft.plan_share: only this path weighs the first answer token, so weighted training
             # takes it for every batch (a one-row batch is one plain forward here, TRL's loss)
-            weighted = (
-                self.first_token_weights is not None or self.format_loss is not None or self.plan_vocab is not None
-            ) and self.model.training
+            weighted = (self.first_token_weights is not None or self.format_loss is not None) and self.model.training
             if weighted and not groups:
                 raise RuntimeError(
                     "sft.plan_share and sft.format_loss_weight score each answer's first token, which only the "
@@ -402,7 +393,7 @@ def sft_trainer_class():
             if not weighted and not any(len(g) > 1 for g in groups):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             pad_id = self.processing_class.pad_token_id
-            nll = valid = entropy = correct = format_nll = vocab_nll = plan_tokens = 0.0
+            nll = valid = entropy = correct = format_nll = 0.0
             for group in groups:  # one forward per system prompt (a batch that spans two envs: two)
                 out = shared_prefix_forward(
                     model, [rows[0][i] for i in group], [rows[1][i] for i in group], pad_id=pad_id if pad_id is not None else 0
@@ -416,17 +407,6 @@ def sft_trainer_class():
                     start_nll = valid_start_nll(logp_all, out.mask, self.format_loss[1], rows[0][group[0]])
                     nll = nll + self.format_loss[0] * start_nll.sum()
                     format_nll += start_nll.detach().sum().item()
-                if self.plan_vocab is not None and self.model.training:
-                    weight_v, vocab, open_ids, close_ids = self.plan_vocab
-                    positions = plan_mask(out.targets, out.mask, open_ids, close_ids)
-                    if positions.sum() > 0:
-                        key = prompt_key(rows[0][group[0]])
-                        if key not in vocab:
-                            raise RuntimeError(f"sft.plan_vocab_loss_weight: a training row starts with a prompt of no known env ({len(rows[0][group[0]])} tokens)")
-                        row_nll = plan_vocab_nll(logp_all, positions, vocab[key])
-                        nll = nll + weight_v * row_nll.sum()
-                        vocab_nll += row_nll.detach().sum().item()
-                        plan_tokens += positions.sum().item()
                 with torch.no_grad():  # TRL's training metrics, over the same answer tokens
                     valid += out.mask.sum().item()
                     entropy += (-(logp_all.exp() * logp_all).sum(-1) * out.mask).sum().item()
@@ -437,8 +417,6 @@ def sft_trainer_class():
             self._metrics["train"]["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
             if self.format_loss is not None:  # mean -log P(valid first token) over the batch's answers
                 self._metrics["train"]["valid_start_nll"].append(format_nll / len(rows[0]))
-            if self.plan_vocab is not None:  # mean -log P(plan-language token) per plan-block token
-                self._metrics["train"]["plan_vocab_nll"].append(vocab_nll / plan_tokens if plan_tokens else 0.0)
             self._total_train_tokens += int(inputs["attention_mask"].sum().item())
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return loss
@@ -474,25 +452,6 @@ def format_start_ids(tokenizer, chat: dict, examples: Sequence[SftExample], para
         raise SftInputError(f"sft.format_loss_weight: prompts of different envs ({', '.join(sorted(by_env))}) start with the same tokens")
     ids = {env: torch.tensor(valid_prefix_token_ids(tokenizer, _action_names(env, params)), dtype=torch.long) for env in by_env}
     return {key: ids[env] for env, env_keys in by_env.items() for key in env_keys}
-
-
-def plan_vocab_setting(tokenizer, chat: dict, examples: Sequence[SftExample], data: "SftData", weight: float):
-    """The trainer's `plan_vocab` argument (sft.plan_vocab_loss_weight): (weight, each env's
-    plan-language token ids keyed by `prompt_key`, the opening and closing tag ids), or None when
-    the weight is 0 or no training answer opens a plan (the naive variant)."""
-    if weight <= 0 or not any(ex.completion.lstrip().startswith(PLAN_OPEN) for ex in examples):
-        return None
-    answers: dict[tuple[int, ...], list[list[int]]] = {}
-    texts: dict[tuple[int, ...], list[str]] = {}
-    for ex in examples:
-        prompt, full = chat[id(ex)]
-        key = prompt_key(prompt)
-        answers.setdefault(key, []).append(full[len(prompt):])
-        texts.setdefault(key, [])
-    env_of_key = {prompt_key(chat[id(ex)][0]): ex.env for ex in examples}
-    for key, env in env_of_key.items():
-        texts[key] = list(data.plan_texts.get(env, ()))
-    return (weight, plan_vocab_ids(tokenizer, answers, texts), *tag_ids(tokenizer))
 
 
 def first_token_weighting(mask: torch.Tensor, sequences: Sequence[Sequence[int]], weights: dict[tuple[int, ...], float]) -> torch.Tensor:
@@ -701,7 +660,6 @@ def run_sft(
     for key, on, does in (
         ("plan_share", data.decision_weights is not None, "weighs"),
         ("format_loss_weight", sft.format_loss_weight > 0, "scores"),
-        ("plan_vocab_loss_weight", sft.plan_vocab_loss_weight > 0, "scores"),
     ):
         if on and not shared:
             raise SftInputError(
@@ -723,7 +681,6 @@ def run_sft(
         loss_tokens_per_step=loss_tokens_per_step(params, answer_tokens),
         first_token_weights=None if first_weights is None else weights_by_token_ids([chat[id(ex)][1] for ex in train_examples], first_weights),
         format_loss=(sft.format_loss_weight, format_start_ids(tokenizer, chat, train_examples, params)) if sft.format_loss_weight > 0 else None,
-        plan_vocab=plan_vocab_setting(tokenizer, chat, train_examples, data, sft.plan_vocab_loss_weight),
     )
 
     # 3. Train, resuming optimizer, scheduler, RNG and data order from the last checkpoint.

@@ -171,16 +171,6 @@ def sample_train_rows(pool: Sequence[dict], count: int, seed: int, plan_share: f
     return sample_rows(pool, count, seed)
 
 
-def plan_answers(pool: Sequence[dict]) -> dict[str, list[str]]:
-    """Per env, the teacher's answers that open a plan among `pool` (the training episodes' steps),
-    in dataset order."""
-    out: dict[str, list[str]] = {}
-    for row in pool:
-        if row["planned"]:
-            out.setdefault(row["env"], []).append(row["target"])
-    return out
-
-
 def decision_weights(pool: Sequence[dict], sample: Sequence[dict]) -> dict[str, tuple[float, float]]:
     """Per env, (weight of a planned step, weight of an acting step) on the answer's first token,
     the decision to open a plan: the importance weights that take the sample's plan rate back to
