@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
 EXIT_USAGE = 2
@@ -92,6 +92,19 @@ class GenerateParams(Section):
     plan_interval_max: int = Field(12, ge=1, description="largest gap between two teacher plans")
     episodes_per_shard: int = Field(4, ge=1, description="episodes per Parquet shard")
     workers: int = Field(2, ge=1, description="processes that generate shards in parallel")
+    crafter_plan_styles: list[str] = Field(
+        default_factory=list,
+        description="the wordings the Crafter teacher draws its plans from (names in "
+        "dynaplan.teachers.crafter_plans.PLAN_STYLE_NAMES); empty: all of them",
+    )
+
+    @field_validator("crafter_plan_styles")
+    @classmethod
+    def _known_styles(cls, names: list[str]) -> list[str]:
+        from dynaplan.teachers.crafter_plans import style_indices
+
+        style_indices(names)  # raises ValueError naming the unknown or repeated style
+        return names
 
     @model_validator(mode="after")
     def _interval_order(self) -> "GenerateParams":

@@ -103,6 +103,22 @@ def test_changed_params_replace_every_stale_shard(reference, tmp_path, smollm2_t
     assert max(s for e, s in zip(table["env"].to_pylist(), table["step"].to_pylist()) if e == "crafter") < 6
 
 
+def test_crafter_plan_styles_regenerate_only_the_crafter_shards_with_those_wordings(reference, tmp_path, smollm2_tokenizer_dir):
+    out, result = reference
+    copy = tmp_path / "teacher"
+    copy.mkdir()
+    for path in dataset.shard_paths(out):
+        (copy / path.name).write_bytes(path.read_bytes())
+    rerun = generate_dataset(tiny_params(crafter_plan_styles=["bullets"]), copy, tokenizer_dir=smollm2_tokenizer_dir, progress=False)
+    assert rerun.reused_shards == 3  # the POGS shards do not depend on the Crafter wordings
+    assert rerun.manifest["digest"] != result.manifest["digest"]
+    table = dataset.read_table(copy)
+    plans = [p for e, p in zip(table["env"].to_pylist(), table["plan_text"].to_pylist()) if e == "crafter" and p]
+    assert plans and all(p.startswith("Plan:\n- ") for p in plans)
+    with pytest.raises(ConfigError, match=r"generate\.crafter_plan_styles.*'sonnet'"):
+        tiny_params(crafter_plan_styles=["sonnet"])
+
+
 def test_killed_half_way_then_rerun_gives_the_uninterrupted_hash(tmp_path, smollm2_tokenizer_dir):
     """Starts generation in a subprocess (2 worker processes), kills its process group with
     SIGKILL as soon as the first shard is on disk, then runs it again to completion. Many small

@@ -9,7 +9,7 @@ from dynaplan.envs import make_env
 from dynaplan.teachers import TeacherStep, make_teacher
 from dynaplan.teachers.crafter_expert import CrafterExpert
 from dynaplan.teachers.crafter_map import CODE, CrafterMap
-from dynaplan.teachers.crafter_plans import PLAN_STYLES, SubGoal, write_plan
+from dynaplan.teachers.crafter_plans import PLAN_STYLE_NAMES, PLAN_STYLES, SubGoal, write_plan
 
 # The keys of the text env's info that an agent could know; the expert gets nothing else here.
 AGENT_KEYS = ("local_view", "player_pos", "facing", "inventory", "status", "sleeping", "achievements")
@@ -119,6 +119,24 @@ def test_plans_in_one_game_use_many_wordings(short_games):
     records, _ = short_games[0]
     openings = {s.plan.split()[0] for s, _, _ in records if s.plan is not None}
     assert len(openings) >= 8
+
+
+def test_plan_styles_narrow_the_wordings_and_listing_every_style_draws_as_the_default(short_games):
+    default = [s.plan for s, _, _ in short_games[0][0]]
+    every = [s.plan for s, _, _ in play(0, 300, plan_styles=PLAN_STYLE_NAMES)[0]]
+    assert every == default  # an explicit full list is the default, draw for draw
+    records, _ = play(0, 300, plan_styles=["goal_reason", "checklist"])
+    plans = [s.plan for s, _, _ in records if s.plan is not None]
+    assert len(plans) >= 10
+    assert {plan.split(":")[0] for plan in plans} == {"Goal", "To do"}
+    # the wording stream never changes what the player does
+    assert [s.action for s, _, _ in records] == [s.action for s, _, _ in short_games[0][0]]
+
+
+@pytest.mark.parametrize("styles, message", [(["goal_reason", "haiku"], "'haiku'.*expected names from: next_list"), (["we", "we"], "listed twice")])
+def test_unknown_or_repeated_plan_styles_are_refused(styles, message):
+    with pytest.raises(ValueError, match=message):
+        CrafterExpert(seed=0, plan_styles=styles)
 
 
 def test_make_teacher_builds_the_crafter_expert():

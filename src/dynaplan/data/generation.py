@@ -52,11 +52,14 @@ class GenerationSettings:
     tokenizer_dir: str
     code_hash: str = ""
     tokenizer_hash: str = ""
+    crafter_plan_styles: tuple[str, ...] = ()
 
     def spec(self, env: str) -> dict[str, Any]:
         spec = asdict(self)
         spec["env_kwargs"] = self.env_kwargs[env]
         spec.pop("tokenizer_dir")  # where the tokenizer sits does not change the data
+        if env != "crafter" or not self.crafter_plan_styles:
+            spec.pop("crafter_plan_styles")  # only Crafter shards depend on it; empty: every style
         return spec
 
 
@@ -99,6 +102,7 @@ def settings_from_params(params: Params, tokenizer_dir: str | Path | None = None
         tokenizer_dir=tokenizer_dir,
         code_hash=code_hash(),
         tokenizer_hash=tokenizer_hash(tokenizer_dir),
+        crafter_plan_styles=tuple(gen.crafter_plan_styles),
     )
 
 
@@ -178,6 +182,7 @@ def rollout_episode(env_name: str, env_seed: int, settings: GenerationSettings) 
         seed=teacher_seed(settings.teacher_seed, env_name, env_seed),
         plan_interval_min=settings.plan_interval_min,
         plan_interval_max=settings.plan_interval_max,
+        **({"plan_styles": settings.crafter_plan_styles} if env_name == "crafter" else {}),
     )
     observation, info = env.reset(seed=env_seed)
     teacher.reset(observation, info)

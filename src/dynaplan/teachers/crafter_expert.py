@@ -7,7 +7,7 @@ It must never read the env's hidden world state (no env internals, no whole-worl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import crafter.constants
@@ -25,7 +25,7 @@ from dynaplan.teachers.crafter_map import (
     WALKABLE_GUESS,
     CrafterMap,
 )
-from dynaplan.teachers.crafter_plans import PLAN_STYLES, SubGoal, write_plan
+from dynaplan.teachers.crafter_plans import SubGoal, style_indices, write_plan
 
 TREE, WATER, STONE, LAVA = CODE["tree"], CODE["water"], CODE["stone"], CODE["lava"]
 COAL, IRON, DIAMOND = CODE["coal"], CODE["iron"], CODE["diamond"]
@@ -92,6 +92,7 @@ class CrafterExpert:
         plan_interval_min: int = 2,
         plan_interval_max: int = 12,
         map_size: int = 64,
+        plan_styles: Sequence[str] = (),
     ) -> None:
         if not 1 <= plan_interval_min <= plan_interval_max:
             raise ValueError(
@@ -101,6 +102,8 @@ class CrafterExpert:
         self.plan_interval_min = plan_interval_min
         self.plan_interval_max = plan_interval_max
         self.map_size = map_size
+        # the wordings plans are drawn from (generate.crafter_plan_styles; empty: all of them)
+        self.plan_styles = style_indices(plan_styles)
         # One stream for plan timing and wording, one for the rare random moves of the policy, so
         # the wording never changes what the player does.
         self._plan_rng = np.random.default_rng([self.seed, 0])
@@ -143,7 +146,7 @@ class CrafterExpert:
         self.goal = goal
         plan = interval = None
         if self._steps_to_plan <= 0:
-            style = int(self._plan_rng.integers(len(PLAN_STYLES)))
+            style = self.plan_styles[int(self._plan_rng.integers(len(self.plan_styles)))]
             plan = write_plan(style, self._plan_goals(goal), self.inv, self.status)
             interval = int(self._plan_rng.integers(self.plan_interval_min, self.plan_interval_max + 1))
             self._steps_to_plan = interval

@@ -147,6 +147,23 @@ PLAN_STYLES: tuple[PlanStyle, ...] = (
     _style_narrative,
 )
 
+# The names `generate.crafter_plan_styles` takes: each style function's name without `_style_`.
+PLAN_STYLE_NAMES: tuple[str, ...] = tuple(style.__name__.removeprefix("_style_") for style in PLAN_STYLES)
+
+
+def style_indices(names: Sequence[str] | None = None) -> tuple[int, ...]:
+    """Indices into PLAN_STYLES of the named styles, in PLAN_STYLES order; every style when
+    `names` is empty or None (the teacher then draws exactly as it does with no selection)."""
+    if not names:
+        return tuple(range(len(PLAN_STYLES)))
+    unknown = [name for name in names if name not in PLAN_STYLE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown Crafter plan style(s) {', '.join(map(repr, unknown))}; expected names from: {', '.join(PLAN_STYLE_NAMES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Crafter plan styles listed twice in {list(names)}")
+    chosen = set(names)
+    return tuple(i for i, name in enumerate(PLAN_STYLE_NAMES) if name in chosen)
+
 
 def describe_inventory(inventory: dict[str, int]) -> str:
     items = [f"{count} {name.replace('_', ' ')}" for name, count in inventory.items() if count]
