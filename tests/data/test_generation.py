@@ -49,6 +49,13 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def _shard_copy(folder: Path, to: Path) -> Path:
+    to.mkdir()
+    for path in dataset.shard_paths(folder):
+        (to / path.name).write_bytes(path.read_bytes())
+    return to
+
+
 def test_same_params_give_byte_identical_shards_and_hash_with_one_or_two_workers(reference, tmp_path, smollm2_tokenizer_dir):
     out, result = reference
     again = generate_dataset(tiny_params(), tmp_path / "teacher", tokenizer_dir=smollm2_tokenizer_dir, workers=2, progress=False)
@@ -73,10 +80,7 @@ def test_a_different_seed_gives_a_different_hash(reference, tmp_path, smollm2_to
 
 def test_rerun_keeps_finished_shards_and_regenerates_only_the_missing_one(reference, tmp_path, smollm2_tokenizer_dir):
     out, result = reference
-    copy = tmp_path / "teacher"
-    copy.mkdir()
-    for path in dataset.shard_paths(out):
-        (copy / path.name).write_bytes(path.read_bytes())
+    copy = _shard_copy(out, tmp_path / "teacher")
     missing = dataset.shard_paths(copy)[-1]
     missing.unlink()
     (copy / ".pogs-00002-leftover.parquet.123.tmp").write_bytes(b"half a shard from a killed run")
@@ -90,10 +94,7 @@ def test_rerun_keeps_finished_shards_and_regenerates_only_the_missing_one(refere
 
 def test_changed_params_replace_every_stale_shard(reference, tmp_path, smollm2_tokenizer_dir):
     out, _ = reference
-    copy = tmp_path / "teacher"
-    copy.mkdir()
-    for path in dataset.shard_paths(out):
-        (copy / path.name).write_bytes(path.read_bytes())
+    copy = _shard_copy(out, tmp_path / "teacher")
     rerun = generate_dataset(tiny_params(crafter_max_steps=6, pogs_episodes=2), copy, tokenizer_dir=smollm2_tokenizer_dir, progress=False)
     crafter_names = {p.name for p in dataset.shard_paths(copy) if p.name.startswith("crafter")}
     assert crafter_names.isdisjoint({p.name for p in dataset.shard_paths(out)})  # regenerated
@@ -105,10 +106,7 @@ def test_changed_params_replace_every_stale_shard(reference, tmp_path, smollm2_t
 
 def test_crafter_plan_styles_regenerate_only_the_crafter_shards_with_those_wordings(reference, tmp_path, smollm2_tokenizer_dir):
     out, result = reference
-    copy = tmp_path / "teacher"
-    copy.mkdir()
-    for path in dataset.shard_paths(out):
-        (copy / path.name).write_bytes(path.read_bytes())
+    copy = _shard_copy(out, tmp_path / "teacher")
     rerun = generate_dataset(tiny_params(crafter_plan_styles=["bullets"]), copy, tokenizer_dir=smollm2_tokenizer_dir, progress=False)
     assert rerun.reused_shards == 3  # the POGS shards do not depend on the Crafter wordings
     assert rerun.manifest["digest"] != result.manifest["digest"]
