@@ -52,14 +52,14 @@ class GenerationSettings:
     tokenizer_dir: str
     code_hash: str = ""
     tokenizer_hash: str = ""
-    crafter_plan_styles: tuple[str, ...] = ()
+    # per env, keyword settings of its teacher beyond seed and plan interval (absent: none)
+    teacher_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def spec(self, env: str) -> dict[str, Any]:
         spec = asdict(self)
         spec["env_kwargs"] = self.env_kwargs[env]
+        spec["teacher_kwargs"] = self.teacher_kwargs.get(env, {})
         spec.pop("tokenizer_dir")  # where the tokenizer sits does not change the data
-        if env != "crafter" or not self.crafter_plan_styles:
-            spec.pop("crafter_plan_styles")  # only Crafter shards depend on it; empty: every style
         return spec
 
 
@@ -102,7 +102,8 @@ def settings_from_params(params: Params, tokenizer_dir: str | Path | None = None
         tokenizer_dir=tokenizer_dir,
         code_hash=code_hash(),
         tokenizer_hash=tokenizer_hash(tokenizer_dir),
-        crafter_plan_styles=tuple(gen.crafter_plan_styles),
+        # empty: the Crafter teacher's default, every wording
+        teacher_kwargs={"crafter": {"plan_styles": list(gen.crafter_plan_styles)}} if gen.crafter_plan_styles else {},
     )
 
 
@@ -182,7 +183,7 @@ def rollout_episode(env_name: str, env_seed: int, settings: GenerationSettings) 
         seed=teacher_seed(settings.teacher_seed, env_name, env_seed),
         plan_interval_min=settings.plan_interval_min,
         plan_interval_max=settings.plan_interval_max,
-        **({"plan_styles": settings.crafter_plan_styles} if env_name == "crafter" else {}),
+        **settings.teacher_kwargs.get(env_name, {}),
     )
     observation, info = env.reset(seed=env_seed)
     teacher.reset(observation, info)
