@@ -216,6 +216,10 @@ class SftParams(Section):
         10.0, ge=0.0,
         description="weight of an extra loss term per training answer: -log P(first answer token can begin a valid answer), the probability the student puts on the tokens the strict protocol lets an answer start with (an action's first piece, '<' of '<plan>'). It pushes down only the mass on tokens that make the answer invalid, not the choice between valid ones; 1 weighs it like one answer token. 0 = off. Needs the shared-prefix loss",
     )
+    format_loss_scope: Literal["first_token", "outside_plan", "plan_breaks"] = Field(
+        "first_token",
+        description="where the format loss scores: first_token = the answer's first token; outside_plan = also every later answer token outside the plan's text (the rest of the `<plan>` tag, the closing tag, the action after it, the untagged action, the end-of-turn), each -log P(a token that keeps the answer a valid prefix), summed per answer; plan_breaks = outside_plan and, inside the plan's text, only its break points (right after a newline or a full stop: where the student was measured to end the turn with the plan still open). Scoring every plan-text token taught the student not to end its plans",
+    )
     plan_share: float = Field(
         0.25, ge=0.0, lt=1.0,
         description="share of each env's sampled training steps that are steps where the teacher planned (a seeded stratified sample); 0 = a plain seeded sample at the teacher's own rate. The dynamic student sees more plans to learn to write them, while the loss on an answer's first token (open a plan or act) is importance-weighted back to the teacher's per-env rate, so P(open a plan) still aims at it. Needs the shared-prefix loss",

@@ -337,6 +337,55 @@ def test_format_loss_adds_the_weighted_nll_of_a_valid_first_answer_token(teacher
         parse_params({"sft": {**TINY_SFT, "plan_share": 0.0, "format_loss_weight": 1.0, "shared_prefix": False}})
 
 
+def test_outside_plan_format_loss_adds_the_weighted_nll_of_valid_next_tokens_after_the_first(teacher_data, tiny_model_dir):
+    """sft.format_loss_scope: outside_plan: on top of the first-token term, per answer, weight x
+    the summed -log P(next token keeps the answer valid) over its later positions outside the plan
+    text (sets checked against the protocol in test_format_loss.py), computed here from one plain
+    forward per example; its mean per answer is logged."""
+    import torch
+
+    from dynaplan.train.sft import (
+        chat_ids, format_continuations, format_start_ids, load_base, load_data, make_config, make_lora_config, prompt_key,
+        sft_trainer_class, to_dataset,
+    )
+
+    params = parse_params({"sft": {**TINY_SFT, "plan_share": 0.0, "format_loss_scope": "outside_plan", "lora": {**TINY_SFT["lora"], "dropout": 0.0}}})
+    data = load_data(params, "dynamic", _paths(teacher_data, tiny_model_dir))
+    crafter = [ex for ex in data.train if ex.env == "crafter"]
+    mixed = [ex for ex in crafter if ex.completion.startswith(PLAN_OPEN)][:2] + crafter[:1]
+    mixed += [ex for ex in data.train if ex.env == "pogs"][:2]
+    model, tokenizer = load_base(tiny_model_dir)
+    chat = {id(ex): chat_ids(tokenizer, ex) for ex in mixed}
+    scorer = format_continuations(tokenizer, chat, mixed, params, model)
+    trainer = sft_trainer_class()(
+        model=model, args=make_config(params, teacher_data / "format-loss-outside", has_eval=False),
+        train_dataset=to_dataset(mixed), processing_class=tokenizer, peft_config=make_lora_config(params),
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(mixed))])
+    trainer.model.train()
+    trainer.format_loss = (3.0, format_start_ids(tokenizer, chat, mixed, params))
+
+    def loss(continuations):
+        trainer.format_continuations = continuations
+        with torch.no_grad():
+            return type(trainer).compute_loss(trainer, trainer.model, dict(batch), num_items_in_batch=torch.tensor(40)).item()
+
+    expected = 0.0
+    with torch.no_grad():
+        for ex in mixed:
+            prompt, full = chat[id(ex)]
+            logp = trainer.model(torch.tensor([full])).logits[0].float().log_softmax(-1)
+            for k, index in scorer.positions(prompt_key(prompt), full[len(prompt):]):
+                expected -= float(torch.logsumexp(logp[len(prompt) - 1 + k, scorer.sets[index]], -1))
+    assert expected > 0
+    first_only = loss(None)
+    assert loss(scorer) - first_only == pytest.approx(3.0 * expected / 40, rel=1e-3)
+    assert trainer._metrics["train"]["valid_continuation_nll"][-1] == pytest.approx(expected / len(mixed), rel=1e-3)
+    assert format_continuations(tokenizer, chat, mixed, parse_params({"sft": TINY_SFT}), model) is None
+    assert not scorer.plan_breaks
+    assert format_continuations(tokenizer, chat, mixed, parse_params({"sft": {**TINY_SFT, "format_loss_scope": "plan_breaks"}}), model).plan_breaks
+
+
 def test_valid_start_probability_is_the_first_answer_tokens_mass_that_can_still_end_valid(teacher_data, tiny_model_dir):
     """completion_stats' valid_start_prob (student) and base_valid_start_prob: the probability,
     at the first answer position, of the tokens a valid answer can begin with, per prompt and

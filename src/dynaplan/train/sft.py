@@ -119,7 +119,7 @@ def check_lengths(examples: Sequence[SftExample], lengths: Sequence[int], max_se
 
 # The modules whose code decides what a training step computes (the loss, the batches, the
 # trainer's settings). A checkpoint written by other code belongs to another run.
-TRAINING_CODE = ("sft.py", "sft_data.py", "prefix.py")
+TRAINING_CODE = ("sft.py", "sft_data.py", "prefix.py", "format_loss.py")
 
 
 def training_code_digest() -> str:
@@ -367,13 +367,15 @@ def sft_trainer_class():
         def __init__(
             self, *args, shared_prefix: bool = True, loss_tokens_per_step: float | None = None,
             first_token_weights: dict[tuple[int, ...], float] | None = None,
-            format_loss: tuple[float, dict[tuple[int, ...], torch.Tensor]] | None = None, **kwargs,
+            format_loss: tuple[float, dict[tuple[int, ...], torch.Tensor]] | None = None,
+            format_continuations=None, **kwargs,
         ):
             super().__init__(*args, **kwargs)
             self.shared_prefix = shared_prefix
             self.loss_tokens_per_step = loss_tokens_per_step
             self.first_token_weights = first_token_weights
             self.format_loss = format_loss
+            self.format_continuations = format_continuations  # sft.format_loss_scope: outside_plan or plan_breaks
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.loss_tokens_per_step is not None and num_items_in_batch is not None and self.model.training:
@@ -393,7 +395,7 @@ def sft_trainer_class():
             if not weighted and not any(len(g) > 1 for g in groups):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             pad_id = self.processing_class.pad_token_id
-            nll = valid = entropy = correct = format_nll = 0.0
+            nll = valid = entropy = correct = format_nll = outside_nll = 0.0
             for group in groups:  # one forward per system prompt (a batch that spans two envs: two)
                 out = shared_prefix_forward(
                     model, [rows[0][i] for i in group], [rows[1][i] for i in group], pad_id=pad_id if pad_id is not None else 0
@@ -407,6 +409,10 @@ def sft_trainer_class():
                     start_nll = valid_start_nll(logp_all, out.mask, self.format_loss[1], rows[0][group[0]])
                     nll = nll + self.format_loss[0] * start_nll.sum()
                     format_nll += start_nll.detach().sum().item()
+                    if self.format_continuations is not None:
+                        rest_nll = self.format_continuations.nll(logp_all, out.mask, prompt_key(rows[0][group[0]]), [rows[1][i] for i in group])
+                        nll = nll + self.format_loss[0] * rest_nll.sum()
+                        outside_nll += rest_nll.detach().sum().item()
                 with torch.no_grad():  # TRL's training metrics, over the same answer tokens
                     valid += out.mask.sum().item()
                     entropy += (-(logp_all.exp() * logp_all).sum(-1) * out.mask).sum().item()
@@ -417,6 +423,8 @@ def sft_trainer_class():
             self._metrics["train"]["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
             if self.format_loss is not None:  # mean -log P(valid first token) over the batch's answers
                 self._metrics["train"]["valid_start_nll"].append(format_nll / len(rows[0]))
+            if self.format_continuations is not None:  # the same at the later scored positions (format_loss_scope)
+                self._metrics["train"]["valid_continuation_nll"].append(outside_nll / len(rows[0]))
             self._total_train_tokens += int(inputs["attention_mask"].sum().item())
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return loss
@@ -439,19 +447,38 @@ def valid_start_nll(
     return -torch.logsumexp(logp[rows, first][:, start_ids[key].to(logp.device)], dim=-1)
 
 
-def format_start_ids(tokenizer, chat: dict, examples: Sequence[SftExample], params: Params) -> dict[tuple[int, ...], torch.Tensor]:
-    """Each env's valid first answer tokens (`valid_prefix_token_ids`), keyed by the
-    `prompt_key` of its prompts (`chat`: `chat_ids` by example id)."""
-    from dynaplan.models.hf import valid_prefix_token_ids
-
+def env_prompt_keys(chat: dict, examples: Sequence[SftExample]) -> dict[str, set[tuple[int, ...]]]:
+    """Each env's `prompt_key`s (`chat`: `chat_ids` by example id): how the format loss finds a
+    row's env. An error when two envs' prompts start alike."""
     by_env: dict[str, set[tuple[int, ...]]] = {}
     for ex in examples:
         by_env.setdefault(ex.env, set()).add(prompt_key(chat[id(ex)][0]))
     keys = [key for env_keys in by_env.values() for key in env_keys]
     if len(set(keys)) != len(keys):
         raise SftInputError(f"sft.format_loss_weight: prompts of different envs ({', '.join(sorted(by_env))}) start with the same tokens")
+    return by_env
+
+
+def format_start_ids(tokenizer, chat: dict, examples: Sequence[SftExample], params: Params) -> dict[tuple[int, ...], torch.Tensor]:
+    """Each env's valid first answer tokens (`valid_prefix_token_ids`), keyed by the
+    `prompt_key` of its prompts (`chat`: `chat_ids` by example id)."""
+    from dynaplan.models.hf import valid_prefix_token_ids
+
+    by_env = env_prompt_keys(chat, examples)
     ids = {env: torch.tensor(valid_prefix_token_ids(tokenizer, _action_names(env, params)), dtype=torch.long) for env in by_env}
     return {key: ids[env] for env, env_keys in by_env.items() for key in env_keys}
+
+
+def format_continuations(tokenizer, chat: dict, examples: Sequence[SftExample], params: Params, model):
+    """The valid next tokens outside the plan text (`ValidContinuations`) when the format loss
+    reaches past the first token (sft.format_loss_scope: outside_plan, plan_breaks), else None."""
+    sft = params.sft
+    if sft.format_loss_weight <= 0 or sft.format_loss_scope == "first_token":
+        return None
+    from dynaplan.train.format_loss import ValidContinuations
+
+    actions = {key: _action_names(env, params) for env, keys in env_prompt_keys(chat, examples).items() for key in keys}
+    return ValidContinuations(tokenizer, actions, model.get_output_embeddings().weight.shape[0], plan_breaks=sft.format_loss_scope == "plan_breaks")
 
 
 def first_token_weighting(mask: torch.Tensor, sequences: Sequence[Sequence[int]], weights: dict[tuple[int, ...], float]) -> torch.Tensor:
@@ -681,6 +708,7 @@ def run_sft(
         loss_tokens_per_step=loss_tokens_per_step(params, answer_tokens),
         first_token_weights=None if first_weights is None else weights_by_token_ids([chat[id(ex)][1] for ex in train_examples], first_weights),
         format_loss=(sft.format_loss_weight, format_start_ids(tokenizer, chat, train_examples, params)) if sft.format_loss_weight > 0 else None,
+        format_continuations=format_continuations(tokenizer, chat, train_examples, params, model),
     )
 
     # 3. Train, resuming optimizer, scheduler, RNG and data order from the last checkpoint.
