@@ -220,6 +220,10 @@ class SftParams(Section):
         "first_token",
         description="where the format loss scores: first_token = the answer's first token; outside_plan = also every later answer token outside the plan's text (the rest of the `<plan>` tag, the closing tag, the action after it, the untagged action, the end-of-turn), each -log P(a token that keeps the answer a valid prefix), summed per answer; plan_breaks = outside_plan and, inside the plan's text, only its break points (right after a newline or a full stop: where the student was measured to end the turn with the plan still open). Scoring every plan-text token taught the student not to end its plans",
     )
+    format_loss_continuation_weight: float | None = Field(
+        None, ge=0.0,
+        description="weight of the format loss at the positions after the first answer token (format_loss_scope outside_plan or plan_breaks); null = format_loss_weight. The first token's weight also moves the plan decision (its gradient favours the likely acting tokens over '<'), the later positions' does not: measured, first token 10 with the later positions at 30 kept the student planning where 30 for both did not",
+    )
     plan_share: float = Field(
         0.25, ge=0.0, lt=1.0,
         description="share of each env's sampled training steps that are steps where the teacher planned (a seeded stratified sample); 0 = a plain seeded sample at the teacher's own rate. The dynamic student sees more plans to learn to write them, while the loss on an answer's first token (open a plan or act) is importance-weighted back to the teacher's per-env rate, so P(open a plan) still aims at it. Needs the shared-prefix loss",
@@ -272,6 +276,17 @@ class SftParams(Section):
                     f"(is {self.batch_size}) and sft.gradient_checkpointing false (is {self.gradient_checkpointing}); "
                     f"or set sft.{key}: 0"
                 )
+        if self.format_loss_scope != "first_token" and self.format_loss_weight <= 0:
+            raise ValueError(
+                f"sft.format_loss_scope={self.format_loss_scope} extends the format loss, which is off: "
+                f"set sft.format_loss_weight > 0 (is {self.format_loss_weight}) or sft.format_loss_scope: first_token"
+            )
+        if self.format_loss_continuation_weight is not None and self.format_loss_scope == "first_token":
+            raise ValueError(
+                f"sft.format_loss_continuation_weight={self.format_loss_continuation_weight} weighs the format loss after "
+                "the first answer token, which sft.format_loss_scope=first_token does not score: "
+                "set sft.format_loss_scope to outside_plan or plan_breaks, or sft.format_loss_continuation_weight: null"
+            )
         return self
 
 

@@ -380,10 +380,16 @@ def test_outside_plan_format_loss_adds_the_weighted_nll_of_valid_next_tokens_aft
     assert expected > 0
     first_only = loss(None)
     assert loss(scorer) - first_only == pytest.approx(3.0 * expected / 40, rel=1e-3)
+    trainer.format_continuation_weight = 7.0  # sft.format_loss_continuation_weight: the later positions' own weight
+    assert loss(scorer) - first_only == pytest.approx(7.0 * expected / 40, rel=1e-3)
     assert trainer._metrics["train"]["valid_continuation_nll"][-1] == pytest.approx(expected / len(mixed), rel=1e-3)
     assert format_continuations(tokenizer, chat, mixed, parse_params({"sft": TINY_SFT}), model) is None
     assert not scorer.plan_breaks
     assert format_continuations(tokenizer, chat, mixed, parse_params({"sft": {**TINY_SFT, "format_loss_scope": "plan_breaks"}}), model).plan_breaks
+    with pytest.raises(Exception, match="sft.format_loss_scope=plan_breaks extends the format loss, which is off"):
+        parse_params({"sft": {**TINY_SFT, "format_loss_weight": 0.0, "format_loss_scope": "plan_breaks"}})
+    with pytest.raises(Exception, match="sft.format_loss_continuation_weight=30.0 .* set sft.format_loss_scope"):
+        parse_params({"sft": {**TINY_SFT, "format_loss_continuation_weight": 30.0}})
 
 
 def test_valid_start_probability_is_the_first_answer_tokens_mass_that_can_still_end_valid(teacher_data, tiny_model_dir):

@@ -368,7 +368,7 @@ def sft_trainer_class():
             self, *args, shared_prefix: bool = True, loss_tokens_per_step: float | None = None,
             first_token_weights: dict[tuple[int, ...], float] | None = None,
             format_loss: tuple[float, dict[tuple[int, ...], torch.Tensor]] | None = None,
-            format_continuations=None, **kwargs,
+            format_continuations=None, format_continuation_weight: float | None = None, **kwargs,
         ):
             super().__init__(*args, **kwargs)
             self.shared_prefix = shared_prefix
@@ -376,6 +376,7 @@ def sft_trainer_class():
             self.first_token_weights = first_token_weights
             self.format_loss = format_loss
             self.format_continuations = format_continuations  # sft.format_loss_scope: outside_plan or plan_breaks
+            self.format_continuation_weight = format_continuation_weight  # None: the first token's weight
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.loss_tokens_per_step is not None and num_items_in_batch is not None and self.model.training:
@@ -411,7 +412,8 @@ def sft_trainer_class():
                     format_nll += start_nll.detach().sum().item()
                     if self.format_continuations is not None:
                         rest_nll = self.format_continuations.nll(logp_all, out.mask, prompt_key(rows[0][group[0]]), [rows[1][i] for i in group])
-                        nll = nll + self.format_loss[0] * rest_nll.sum()
+                        rest_weight = self.format_loss[0] if self.format_continuation_weight is None else self.format_continuation_weight
+                        nll = nll + rest_weight * rest_nll.sum()
                         outside_nll += rest_nll.detach().sum().item()
                 with torch.no_grad():  # TRL's training metrics, over the same answer tokens
                     valid += out.mask.sum().item()
@@ -709,6 +711,7 @@ def run_sft(
         first_token_weights=None if first_weights is None else weights_by_token_ids([chat[id(ex)][1] for ex in train_examples], first_weights),
         format_loss=(sft.format_loss_weight, format_start_ids(tokenizer, chat, train_examples, params)) if sft.format_loss_weight > 0 else None,
         format_continuations=format_continuations(tokenizer, chat, train_examples, params, model),
+        format_continuation_weight=sft.format_loss_continuation_weight,
     )
 
     # 3. Train, resuming optimizer, scheduler, RNG and data order from the last checkpoint.
