@@ -12,8 +12,10 @@ the choice between valid tokens.
 The plan's text is left out: there every token but a stray `<` or an end-of-turn is valid, and
 scoring all of it (measured: commit 01a46cb) taught the student not to end a plan rather than to
 close it. With `plan_breaks` only its break points are scored (right after a newline or a full
-stop), where sampled answers were measured to end the turn with the plan still open. A prefix's valid tokens depend on it only through its protocol state, so sets are cached by
-a canonical prefix, a plan's text standing in as `_PLAN_STAND_IN` (`_canonical`).
+stop), where sampled answers were measured to end the turn with the plan still open.
+
+A prefix's valid tokens depend on it only through its protocol state, so sets are cached by a
+canonical prefix, a plan's text standing in as `_PLAN_STAND_IN` (`_canonical`).
 """
 
 from __future__ import annotations
