@@ -475,7 +475,7 @@ def format_continuations(tokenizer, chat: dict, examples: Sequence[SftExample], 
     """The valid next tokens outside the plan text (`ValidContinuations`) when the format loss
     reaches past the first token (sft.format_loss_scope: outside_plan, plan_breaks), else None."""
     sft = params.sft
-    if sft.format_loss_weight <= 0 or sft.format_loss_scope == "first_token":
+    if sft.format_loss_scope == "first_token":  # another scope with the format loss off is a config error
         return None
     from dynaplan.train.format_loss import ValidContinuations
 
