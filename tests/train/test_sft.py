@@ -392,6 +392,28 @@ def test_outside_plan_format_loss_adds_the_weighted_nll_of_valid_next_tokens_aft
         parse_params({"sft": {**TINY_SFT, "format_loss_continuation_weight": 30.0}})
 
 
+def test_warmup_stable_decay_holds_the_rate_then_decays_it_over_the_last_share_of_steps(tmp_path, teacher_data, tiny_model_dir):
+    from dynaplan.train.sft import run_sft
+
+    params = parse_params({"sft": {
+        **TINY_SFT, "max_steps": 8, "grad_accum": 1, "save_steps": 100, "warmup_ratio": 0.0,
+        "lr_scheduler": "warmup_stable_decay", "lr_decay_ratio": 0.5,
+    }})
+    rates: dict[int, float] = {}
+    log = lambda metrics, step: rates.update({step: metrics["train.learning_rate"]}) if "train.learning_rate" in metrics else None
+    root = tmp_path / "wsd"
+    (root / "data").mkdir(parents=True)
+    os.symlink(teacher_data / "data" / "teacher", root / "data" / "teacher")
+    os.symlink(teacher_data / "reports", root / "reports")
+    run_sft(params, "dynamic", _paths(root, tiny_model_dir), log=log)
+    lr = [rates[s] for s in sorted(rates)]
+    assert sorted(rates) == list(range(1, 9))
+    # each step's rate: the peak until the decay's 4 steps (the last half), which go linearly towards 0
+    assert lr == pytest.approx([2e-3] * 5 + [1.5e-3, 1e-3, 0.5e-3])
+    with pytest.raises(Exception, match="sft.warmup_ratio=0.5 \\+ sft.lr_decay_ratio=0.6"):
+        parse_params({"sft": {**TINY_SFT, "lr_scheduler": "warmup_stable_decay", "warmup_ratio": 0.5, "lr_decay_ratio": 0.6}})
+
+
 def test_valid_start_probability_is_the_first_answer_tokens_mass_that_can_still_end_valid(teacher_data, tiny_model_dir):
     """completion_stats' valid_start_prob (student) and base_valid_start_prob: the probability,
     at the first answer position, of the tokens a valid answer can begin with, per prompt and

@@ -358,6 +358,8 @@ def sft_trainer_class():
       rows start with different system prompts runs one shared forward per prompt. Evaluation,
       one-row batches and batches where no two rows share a prefix take TRL's path.
 
+    `lr_decay_ratio` sets the decay of transformers' WSD schedule (sft.lr_scheduler:
+    warmup_stable_decay) as a share of the run's optimizer steps, which only the Trainer knows.
     Everything else (collation, masking, accumulation, checkpoints, resume) is TRL's."""
     from trl import SFTTrainer
 
@@ -368,15 +370,24 @@ def sft_trainer_class():
             self, *args, shared_prefix: bool = True, loss_tokens_per_step: float | None = None,
             first_token_weights: dict[tuple[int, ...], float] | None = None,
             format_loss: tuple[float, dict[tuple[int, ...], torch.Tensor]] | None = None,
-            format_continuations=None, format_continuation_weight: float | None = None, **kwargs,
+            format_continuations=None, format_continuation_weight: float | None = None,
+            lr_decay_ratio: float | None = None, **kwargs,
         ):
             super().__init__(*args, **kwargs)
+            self.lr_decay_ratio = lr_decay_ratio  # sft.lr_scheduler: warmup_stable_decay
             self.shared_prefix = shared_prefix
             self.loss_tokens_per_step = loss_tokens_per_step
             self.first_token_weights = first_token_weights
             self.format_loss = format_loss
             self.format_continuations = format_continuations  # sft.format_loss_scope: outside_plan or plan_breaks
             self.format_continuation_weight = format_continuation_weight  # None: the first token's weight
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            # transformers' WSD schedule takes its decay as a step count, known only here
+            if self.lr_scheduler is None and self.lr_decay_ratio is not None and self.args.lr_scheduler_type == "warmup_stable_decay":
+                decay = max(1, round(self.lr_decay_ratio * num_training_steps))
+                self.args.lr_scheduler_kwargs = {"num_decay_steps": decay, "decay_type": "linear"}
+            return super().create_scheduler(num_training_steps, optimizer)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.loss_tokens_per_step is not None and num_items_in_batch is not None and self.model.training:
@@ -712,6 +723,7 @@ def run_sft(
         format_loss=(sft.format_loss_weight, format_start_ids(tokenizer, chat, train_examples, params)) if sft.format_loss_weight > 0 else None,
         format_continuations=format_continuations(tokenizer, chat, train_examples, params, model),
         format_continuation_weight=sft.format_loss_continuation_weight,
+        lr_decay_ratio=sft.lr_decay_ratio,
     )
 
     # 3. Train, resuming optimizer, scheduler, RNG and data order from the last checkpoint.
