@@ -392,7 +392,7 @@ def test_outside_plan_format_loss_adds_the_weighted_nll_of_valid_next_tokens_aft
         parse_params({"sft": {**TINY_SFT, "format_loss_continuation_weight": 30.0}})
 
 
-def test_warmup_stable_decay_holds_the_rate_then_decays_it_over_the_last_share_of_steps(tmp_path, teacher_data, tiny_model_dir):
+def test_warmup_stable_decay_holds_the_rate_then_decays_it_over_the_last_share_of_steps(tmp_path, tiny_model_dir):
     from dynaplan.train.sft import run_sft
 
     params = parse_params({"sft": {
@@ -401,11 +401,8 @@ def test_warmup_stable_decay_holds_the_rate_then_decays_it_over_the_last_share_o
     }})
     rates: dict[int, float] = {}
     log = lambda metrics, step: rates.update({step: metrics["train.learning_rate"]}) if "train.learning_rate" in metrics else None
-    root = tmp_path / "wsd"
-    (root / "data").mkdir(parents=True)
-    os.symlink(teacher_data / "data" / "teacher", root / "data" / "teacher")
-    os.symlink(teacher_data / "reports", root / "reports")
-    run_sft(params, "dynamic", _paths(root, tiny_model_dir), log=log)
+    write_teacher_dataset(tmp_path)
+    run_sft(params, "dynamic", _paths(tmp_path, tiny_model_dir), log=log)
     lr = [rates[s] for s in sorted(rates)]
     assert sorted(rates) == list(range(1, 9))
     # each step's rate: the peak until the decay's 4 steps (the last half), which go linearly towards 0
