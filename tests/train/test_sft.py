@@ -143,6 +143,29 @@ def test_env_batches_keep_one_env_per_batch_in_a_seeded_order(teacher_data):
     assert len(batches[-1]) == len(examples) % 4 or len(examples) % 4 == 0  # a short batch stays last
 
 
+def test_balanced_env_batches_give_every_batch_its_share_of_plan_steps():
+    """sft.balance_plan_batches: the length grouping puts the (longer) plan steps together, so
+    plain env batches hold 0 to all of them; balanced ones hold the env's share in every batch."""
+    from dynaplan.train.sft_data import SftExample, env_batches
+
+    def example(env: str, i: int, planned: bool) -> SftExample:
+        return SftExample(prompt=[], completion=f"{env}{i}", episode_id=env, env=env, step=i, action="noop", planned=planned)
+
+    # crafter: 40 steps (every 4th a plan), pogs: 24 (every 4th a plan); a quarter are plans
+    examples = [example(env, i, i % 4 == 0) for env, n in (("crafter", 40), ("pogs", 24)) for i in range(n)]
+    lengths = [300 if ex.planned else 200 + ex.step for ex in examples]
+    plain = env_batches(examples, 8, seed=0, lengths=lengths)
+    balanced = env_batches(examples, 8, seed=0, lengths=lengths, balance_plans=True)
+    assert sorted(map(id, balanced)) == sorted(map(id, examples))  # a permutation
+    plans_per_batch = lambda order: [sum(ex.planned for ex in order[i : i + 8]) for i in range(0, len(order), 8)]
+    assert max(plans_per_batch(plain)) >= 4 and min(plans_per_batch(plain)) == 0
+    assert plans_per_batch(balanced) == [2] * 8
+    batches = [balanced[i : i + 8] for i in range(0, len(balanced), 8)]
+    assert all(len({ex.env for ex in b}) == 1 for b in batches)
+    assert env_batches(examples, 8, seed=0, lengths=lengths, balance_plans=True) == balanced
+    assert env_batches(examples, 8, seed=1, lengths=lengths, balance_plans=True) != balanced
+
+
 def test_shared_prefix_loss_equals_trls_loss_and_gradients(teacher_data, tiny_model_dir, monkeypatch):
     """The SFT loss that runs a batch's common system prompt once gives TRL's own loss, LoRA
     gradients and logged metrics on the same collated batch."""
@@ -383,13 +406,11 @@ def test_outside_plan_format_loss_adds_the_weighted_nll_of_valid_next_tokens_aft
     trainer.format_continuation_weight = 7.0  # sft.format_loss_continuation_weight: the later positions' own weight
     assert loss(scorer) - first_only == pytest.approx(7.0 * expected / 40, rel=1e-3)
     assert trainer._metrics["train"]["valid_continuation_nll"][-1] == pytest.approx(expected / len(mixed), rel=1e-3)
-    assert format_continuations(tokenizer, chat, mixed, parse_params({"sft": TINY_SFT}), model) is None
+    assert format_continuations(tokenizer, chat, mixed, parse_params({"sft": {**TINY_SFT, "format_loss_scope": "first_token"}}), model) is None
     assert not scorer.plan_breaks
     assert format_continuations(tokenizer, chat, mixed, parse_params({"sft": {**TINY_SFT, "format_loss_scope": "plan_breaks"}}), model).plan_breaks
-    with pytest.raises(Exception, match="sft.format_loss_scope=plan_breaks extends the format loss, which is off"):
-        parse_params({"sft": {**TINY_SFT, "format_loss_weight": 0.0, "format_loss_scope": "plan_breaks"}})
-    with pytest.raises(Exception, match="sft.format_loss_continuation_weight=30.0 .* set sft.format_loss_scope"):
-        parse_params({"sft": {**TINY_SFT, "format_loss_continuation_weight": 30.0}})
+    # the format loss off (weight 0): nothing past the first token is scored, whatever the scope
+    assert format_continuations(tokenizer, chat, mixed, parse_params({"sft": {**TINY_SFT, "format_loss_weight": 0.0}}), model) is None
 
 
 def test_warmup_stable_decay_holds_the_rate_then_decays_it_over_the_last_share_of_steps(tmp_path, tiny_model_dir):

@@ -486,7 +486,7 @@ def format_continuations(tokenizer, chat: dict, examples: Sequence[SftExample], 
     """The valid next tokens outside the plan text (`ValidContinuations`) when the format loss
     reaches past the first token (sft.format_loss_scope: outside_plan, plan_breaks), else None."""
     sft = params.sft
-    if sft.format_loss_scope == "first_token":  # another scope with the format loss off is a config error
+    if sft.format_loss_scope == "first_token" or sft.format_loss_weight <= 0:  # the format loss off: no scope
         return None
     from dynaplan.train.format_loss import ValidContinuations
 
@@ -694,7 +694,10 @@ def run_sft(
     if shared:
         # One env per batch (one system prompt to share), in a seeded order the trainer keeps,
         # so a resumed run skips exactly the batches it had trained on (make_config: sequential).
-        train_examples = env_batches(data.train, sft.batch_size, sft.seed, lengths=lengths[: len(data.train)])
+        train_examples = env_batches(
+            data.train, sft.batch_size, sft.seed, lengths=lengths[: len(data.train)],
+            balance_plans=sft.balance_plan_batches and variant == "dynamic",
+        )
     answer_tokens = [len(chat[id(ex)][1]) - len(chat[id(ex)][0]) for ex in train_examples]
     target_plans = [ex.completion.lstrip().startswith(PLAN_OPEN) for ex in train_examples]
     for key, on, does in (

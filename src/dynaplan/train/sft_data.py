@@ -185,24 +185,47 @@ def decision_weights(pool: Sequence[dict], sample: Sequence[dict]) -> dict[str, 
 
 
 def env_batches(
-    examples: Sequence[SftExample], batch_size: int, seed: int, lengths: Sequence[int] | None = None, window: int = 8
+    examples: Sequence[SftExample],
+    batch_size: int,
+    seed: int,
+    lengths: Sequence[int] | None = None,
+    window: int = 8,
+    balance_plans: bool = False,
 ) -> list[SftExample]:
     """`examples` reordered so that consecutive runs of `batch_size` hold one env's steps (they
     share a system prompt), in a seeded random order of batches. Each env's steps are shuffled;
     with `lengths` (tokens per example), each run of `window` batches is sorted by length before
     it is cut, so a batch's rows need little padding (as transformers' LengthGroupedSampler
-    does). Then the full batches are shuffled; only the batch where one env's list runs into
-    the next can mix envs. The same examples, lengths and seed give the same order."""
+    does). With `balance_plans`, an env's plan steps (`planned`) and its other steps are
+    shuffled and length-sorted apart, then interleaved evenly, so every batch of the env holds
+    its share of plan steps (+-1) rather than whatever the shuffle and the length sort give.
+    Then the full batches are shuffled; only the batch where one env's list runs into the next
+    can mix envs. The same examples, lengths and seed give the same order."""
     rng = np.random.default_rng(seed)
     size = {id(ex): n for ex, n in zip(examples, lengths)} if lengths is not None else None
+
+    def shuffled_runs(group: list[SftExample], span: int) -> list[SftExample]:
+        group = [group[i] for i in rng.permutation(len(group))]
+        if size is None:
+            return group
+        return [ex for i in range(0, len(group), span) for ex in sorted(group[i : i + span], key=lambda e: -size[id(e)])]
+
     flat: list[SftExample] = []
     for env in sorted({ex.env for ex in examples}):
         group = [ex for ex in examples if ex.env == env]
-        group = [group[i] for i in rng.permutation(len(group))]
-        if size is not None:
-            span = batch_size * window
-            group = [ex for i in range(0, len(group), span) for ex in sorted(group[i : i + span], key=lambda e: -size[id(e)])]
-        flat.extend(group)
+        if not balance_plans:
+            flat.extend(shuffled_runs(group, batch_size * window))
+            continue
+        plans = [ex for ex in group if ex.planned]
+        share = len(plans) / len(group)
+        # each class length-sorted over the span its share of `window` batches takes
+        plans = shuffled_runs(plans, max(1, round(batch_size * window * share)))
+        acts = shuffled_runs([ex for ex in group if not ex.planned], max(1, round(batch_size * window * (1 - share))))
+        # position j is a plan step when the running quota of plan steps, j * share, crosses an integer
+        n, n_plans = len(group), len(plans)
+        plans.reverse(), acts.reverse()  # pop() from the end takes them in order
+        for j in range(n):
+            flat.append(plans.pop() if (j + 1) * n_plans // n > j * n_plans // n else acts.pop())
     full = len(flat) // batch_size
     batches = [flat[i * batch_size : (i + 1) * batch_size] for i in range(full)]
     # A short last batch stays last: anywhere else it would shift every batch after it.
