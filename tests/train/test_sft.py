@@ -160,6 +160,8 @@ def test_balanced_env_batches_give_every_batch_its_share_of_plan_steps():
     plans_per_batch = lambda order: [sum(ex.planned for ex in order[i : i + 8]) for i in range(0, len(order), 8)]
     assert max(plans_per_batch(plain)) >= 4 and min(plans_per_batch(plain)) == 0
     assert plans_per_batch(balanced) == [2] * 8
+    short_runs = env_batches(examples, 8, seed=0, lengths=lengths, window=2, balance_plans=True)  # sft.length_group_batches
+    assert plans_per_batch(short_runs) == [2] * 8 and short_runs != balanced
     batches = [balanced[i : i + 8] for i in range(0, len(balanced), 8)]
     assert all(len({ex.env for ex in b}) == 1 for b in batches)
     assert env_batches(examples, 8, seed=0, lengths=lengths, balance_plans=True) == balanced

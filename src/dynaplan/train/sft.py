@@ -695,7 +695,7 @@ def run_sft(
         # One env per batch (one system prompt to share), in a seeded order the trainer keeps,
         # so a resumed run skips exactly the batches it had trained on (make_config: sequential).
         train_examples = env_batches(
-            data.train, sft.batch_size, sft.seed, lengths=lengths[: len(data.train)],
+            data.train, sft.batch_size, sft.seed, lengths=lengths[: len(data.train)], window=sft.length_group_batches,
             balance_plans=sft.balance_plan_batches and variant == "dynamic",
         )
     answer_tokens = [len(chat[id(ex)][1]) - len(chat[id(ex)][0]) for ex in train_examples]
