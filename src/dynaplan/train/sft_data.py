@@ -223,7 +223,8 @@ def env_batches(
         acts = shuffled_runs([ex for ex in group if not ex.planned], max(1, round(batch_size * window * (1 - share))))
         # position j is a plan step when the running quota of plan steps, j * share, crosses an integer
         n, n_plans = len(group), len(plans)
-        plans.reverse(), acts.reverse()  # pop() from the end takes them in order
+        plans.reverse()  # pop() from the end takes them in order
+        acts.reverse()
         for j in range(n):
             flat.append(plans.pop() if (j + 1) * n_plans // n > j * n_plans // n else acts.pop())
     full = len(flat) // batch_size
