@@ -223,10 +223,8 @@ def env_batches(
         acts = shuffled_runs([ex for ex in group if not ex.planned], max(1, round(batch_size * window * (1 - share))))
         # position j is a plan step when the running quota of plan steps, j * share, crosses an integer
         n, n_plans = len(group), len(plans)
-        plans.reverse()  # pop() from the end takes them in order
-        acts.reverse()
-        for j in range(n):
-            flat.append(plans.pop() if (j + 1) * n_plans // n > j * n_plans // n else acts.pop())
+        next_plan, next_act = iter(plans).__next__, iter(acts).__next__
+        flat.extend(next_plan() if (j + 1) * n_plans // n > j * n_plans // n else next_act() for j in range(n))
     full = len(flat) // batch_size
     batches = [flat[i * batch_size : (i + 1) * batch_size] for i in range(full)]
     # A short last batch stays last: anywhere else it would shift every batch after it.
