@@ -570,6 +570,29 @@ def test_an_example_longer_than_max_seq_len_is_an_error_naming_it(teacher_data, 
         run_sft(params, "dynamic", _paths(teacher_data, tiny_model_dir))
 
 
+def test_flash_attention_without_its_package_or_a_gpu_is_an_error_before_loading(teacher_data, tiny_model_dir, monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from dynaplan.train import sft
+
+    real_find_spec = importlib.util.find_spec
+    installed = {"flash_attn": False}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (real_find_spec("json") if installed.get(name) else None) if name in installed else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    params = parse_params({"sft": {**TINY_SFT, "attn_implementation": "flash_attention_2"}})
+    with pytest.raises(SftInputError, match=r"flash_attention_2 needs the flash-attn package .* and a CUDA GPU;.*sft.attn_implementation: sdpa"):
+        sft.run_sft(params, "dynamic", _paths(teacher_data, tiny_model_dir))
+    installed["flash_attn"] = True
+    with pytest.raises(SftInputError, match=r"needs a CUDA GPU;"):
+        sft.check_attention("flash_attention_2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    sft.check_attention("flash_attention_2")  # both there: no error
+    installed["flash_attn"] = False
+    sft.check_attention("sdpa")
+
+
 def test_an_adapter_for_another_base_model_is_refused(tmp_path, tiny_model_dir, smollm2_tokenizer_dir):
     from dynaplan.models.materialize import build_tiny_model
     from dynaplan.train.sft import ADAPTER_META, base_fingerprint, check_adapter_base

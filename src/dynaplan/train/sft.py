@@ -281,8 +281,28 @@ def make_lora_config(params: Params, num_layers: int | None = None):
     )
 
 
+def check_attention(attn_implementation: str) -> None:
+    """flash_attention_2 needs the flash-attn package and a CUDA GPU: SftInputError otherwise,
+    before the model loads (transformers would raise an ImportError deep inside loading)."""
+    import importlib.util
+
+    if attn_implementation != "flash_attention_2":
+        return
+    missing = [what for what, ok in (("the flash-attn package (`pip install flash-attn`)", importlib.util.find_spec("flash_attn") is not None),
+                                      ("a CUDA GPU", torch.cuda.is_available())) if not ok]
+    if missing:
+        raise SftInputError(
+            f"sft.attn_implementation: flash_attention_2 needs {' and '.join(missing)}; install it on the GPU worker, "
+            "or set sft.attn_implementation: sdpa with sft.padding_free: false (padding-free batches under sdpa "
+            "attend over the whole flattened batch: 0.66x / 0.85x the padded tokens/s for 1B / 8B Llama shapes on "
+            "an H100, benchmarks/sft_paper_profile.py)"
+        )
+
+
 def load_base(base_dir: Path, dtype: str = "float32", attn_implementation: str = "sdpa"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_attention(attn_implementation)
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     model = AutoModelForCausalLM.from_pretrained(
