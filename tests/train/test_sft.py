@@ -52,6 +52,12 @@ def _paths(root: Path, base_dir: Path, variant: str = "dynamic"):
     )
 
 
+def _collate(trainer, features):
+    """A collated batch on the trainer's device (the Trainer moves its own batches there; these
+    tests call compute_loss directly, so on a GPU worker the inputs must follow the model)."""
+    return trainer._prepare_inputs(trainer.data_collator(features))
+
+
 @pytest.fixture(scope="module")
 def teacher_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sft-project")
@@ -116,8 +122,8 @@ def test_padding_free_and_labelled_only_scoring_give_the_padded_loss(teacher_dat
     )
     features = [trainer.train_dataset[i] for i in range(6)]
     features = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
-    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(features)
-    flat = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(features)
+    padded = trainer._prepare_inputs(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(features))
+    flat = trainer._prepare_inputs(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(features))
     assert flat["input_ids"].shape[0] == 1 and (flat["input_ids"].shape[1] == padded["attention_mask"].sum())
     trainer.model.eval()
     with torch.no_grad():
@@ -202,7 +208,7 @@ def test_shared_prefix_loss_equals_trls_loss_and_gradients(teacher_data, tiny_mo
     for name, param in trainer.model.named_parameters():
         if "lora_B" in name:  # zero at init, which would leave every lora_A gradient zero
             torch.nn.init.normal_(param, std=0.02)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(5)])
+    batch = _collate(trainer, [trainer.train_dataset[i] for i in range(5)])
     prompts, answers = labelled_rows(batch)
     assert prefix_groups(prompts) == [[0, 1, 2], [3, 4]] and all(answers)
     assert all(shared_prefix_len([prompts[i] for i in g]) >= MIN_SHARED_PREFIX for g in prefix_groups(prompts))
@@ -286,7 +292,7 @@ def test_first_token_weights_scale_exactly_the_answers_first_token(teacher_data,
         model=model, args=make_config(params, teacher_data / "first-token", has_eval=False),
         train_dataset=to_dataset(batch_examples), processing_class=tokenizer, peft_config=make_lora_config(params),
     )
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    batch = _collate(trainer, [trainer.train_dataset[i] for i in range(4)])
     trainer.model.train()
 
     def loss(weight, inputs=batch, ours=True):
@@ -305,7 +311,7 @@ def test_first_token_weights_scale_exactly_the_answers_first_token(teacher_data,
     assert loss(1.0) == pytest.approx(loss(None, ours=False), rel=1e-5)
     assert loss(2.5) - loss(0.0) == pytest.approx(2.5 * (loss(1.0) - loss(0.0)), rel=1e-4) and loss(1.0) > loss(0.0)
     # a one-row batch (a short last batch) takes the weighted path too: TRL's loss at weight 1
-    one_row = trainer.data_collator([trainer.train_dataset[0]])
+    one_row = _collate(trainer, [trainer.train_dataset[0]])
     trl_one_row = loss(None, one_row, ours=False)
     monkeypatch.setattr(SFTTrainer, "compute_loss", lambda *a, **k: pytest.fail("fell back to TRL's loss"))
     assert loss(1.0, one_row) == pytest.approx(trl_one_row, rel=1e-5)
@@ -337,7 +343,7 @@ def test_format_loss_adds_the_weighted_nll_of_a_valid_first_answer_token(teacher
         model=model, args=make_config(params, teacher_data / "format-loss", has_eval=False),
         train_dataset=to_dataset(mixed), processing_class=tokenizer, peft_config=make_lora_config(params),
     )
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(mixed))])
+    batch = _collate(trainer, [trainer.train_dataset[i] for i in range(len(mixed))])
     trainer.model.train()
 
     def loss(weight):
@@ -352,7 +358,7 @@ def test_format_loss_adds_the_weighted_nll_of_a_valid_first_answer_token(teacher
     with torch.no_grad():
         for ex in mixed:
             valid = [i for i, t in enumerate(texts) if i not in special and t and is_valid_prefix(t, actions[ex.env])]
-            logp = trainer.model(torch.tensor([chat[id(ex)][0]])).logits[0, -1].float().log_softmax(-1)
+            logp = trainer.model(torch.tensor([chat[id(ex)][0]], device=trainer.args.device)).logits[0, -1].float().log_softmax(-1)
             expected -= float(torch.logsumexp(logp[valid], -1))
     plain = loss(None)
     assert loss(0.0) == pytest.approx(plain, rel=1e-6)
@@ -386,7 +392,7 @@ def test_outside_plan_format_loss_adds_the_weighted_nll_of_valid_next_tokens_aft
         model=model, args=make_config(params, teacher_data / "format-loss-outside", has_eval=False),
         train_dataset=to_dataset(mixed), processing_class=tokenizer, peft_config=make_lora_config(params),
     )
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(mixed))])
+    batch = _collate(trainer, [trainer.train_dataset[i] for i in range(len(mixed))])
     trainer.model.train()
     trainer.format_loss = (3.0, format_start_ids(tokenizer, chat, mixed, params))
 
@@ -399,7 +405,7 @@ def test_outside_plan_format_loss_adds_the_weighted_nll_of_valid_next_tokens_aft
     with torch.no_grad():
         for ex in mixed:
             prompt, full = chat[id(ex)]
-            logp = trainer.model(torch.tensor([full])).logits[0].float().log_softmax(-1)
+            logp = trainer.model(torch.tensor([full], device=trainer.args.device)).logits[0].float().log_softmax(-1)
             for k, index in scorer.positions(prompt_key(prompt), full[len(prompt):]):
                 expected -= float(torch.logsumexp(logp[len(prompt) - 1 + k, scorer.sets[index]], -1))
     assert expected > 0
