@@ -264,7 +264,13 @@ class SftParams(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="attention kernel; padding-free batches are exact with each (sdpa builds a block-diagonal mask), flash_attention_2 is the memory-lean one on GPUs")
     seed: int = Field(0, description="seed of the split, the LoRA init and the data order")
     save_steps: int = Field(8, ge=1, description="checkpoint every this many optimizer steps (resume point)")
-    save_total_limit: int = Field(2, ge=1, description="checkpoints kept on disk")
+    save_total_limit: int = Field(3, ge=1, description="checkpoints kept on disk")
+    average_checkpoints: int = Field(
+        3, ge=1,
+        description="the final adapter is the exact mean of the LoRA weight deltas of the last N checkpoints (the last "
+        "step's included; one adapter of rank N x lora.r, PEFT's add_weighted_adapter 'cat'); 1 = the last step's "
+        "weights. Needs sft.save_total_limit >= N",
+    )
     logging_steps: int = Field(1, ge=1, description="log train loss to MLflow every this many optimizer steps")
     eval_steps: int = Field(0, ge=0, description="held-out loss every this many steps; 0 = only at the end")
     register_checkpoints: bool = Field(True, description="register every saved checkpoint as a dynaplan-agent version, not just the final adapter")
@@ -291,6 +297,11 @@ class SftParams(Section):
                     f"(is {self.batch_size}) and sft.gradient_checkpointing false (is {self.gradient_checkpointing}); "
                     f"or set sft.{key}: 0"
                 )
+        if self.average_checkpoints > self.save_total_limit:
+            raise ValueError(
+                f"sft.average_checkpoints={self.average_checkpoints} averages the last checkpoints, but sft.save_total_limit="
+                f"{self.save_total_limit} keeps fewer on disk: raise sft.save_total_limit to at least {self.average_checkpoints}"
+            )
         if self.lr_scheduler == "warmup_stable_decay" and self.warmup_ratio + self.lr_decay_ratio > 1.0:
             raise ValueError(
                 f"sft.warmup_ratio={self.warmup_ratio} + sft.lr_decay_ratio={self.lr_decay_ratio} exceed the run's steps "

@@ -36,6 +36,7 @@ TINY_SFT = {
     "learning_rate": 2e-3,
     "bf16": False,
     "register_checkpoints": False,
+    "average_checkpoints": 1,
     "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
 }
 
@@ -701,6 +702,69 @@ def test_registered_version_loads_back_with_the_same_greedy_answers(tracked_run,
     pyfunc = mlflow.pyfunc.load_model(out["model_uri"])
     answers = pyfunc.predict({"messages": [json.dumps(p) for p in prompts]}, params={"max_new_tokens": 8})
     assert list(answers) == [g.text for g in in_memory]
+
+
+# ---- checkpoint averaging ------------------------------------------------------------------------
+
+
+def test_averaged_adapter_is_the_exact_mean_of_the_checkpoints_lora_deltas(tmp_path, tiny_model_dir):
+    import torch
+    from peft import PeftModel, get_peft_model
+
+    from dynaplan.train.sft import average_checkpoints, load_base, make_lora_config
+
+    params = parse_params({"sft": TINY_SFT})
+    deltas = []
+    for step in (2, 4, 6):
+        model, _ = load_base(tiny_model_dir)
+        peft_model = get_peft_model(model, make_lora_config(params))
+        torch.manual_seed(step)
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                torch.nn.init.normal_(param, std=0.05)
+        peft_model.save_pretrained(str(tmp_path / f"checkpoint-{step}"))
+        layer = peft_model.base_model.model.model.layers[1].self_attn.v_proj
+        deltas.append(layer.get_delta_weight("default").detach().clone())
+    model, _ = load_base(tiny_model_dir)
+    last = PeftModel.from_pretrained(model, str(tmp_path / "checkpoint-6"))
+    averaged, steps = average_checkpoints(last, tmp_path, 2, final_step=6)
+    assert steps == [4, 6] and list(averaged.peft_config) == ["default"]
+    assert averaged.peft_config["default"].r == 2 * params.sft.lora.r
+    layer = averaged.base_model.model.model.layers[1].self_attn.v_proj
+    torch.testing.assert_close(layer.get_delta_weight("default"), (deltas[1] + deltas[2]) / 2, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(layer.get_delta_weight("default"), deltas[2], atol=1e-3)  # not just the last one
+    model, _ = load_base(tiny_model_dir)
+    with pytest.raises(RuntimeError, match=r"average_checkpoints=4 .* found steps \[2, 4, 6\]"):
+        average_checkpoints(PeftModel.from_pretrained(model, str(tmp_path / "checkpoint-6")), tmp_path, 4, final_step=6)
+
+
+def test_averaging_more_checkpoints_than_kept_or_saved_is_an_input_error(teacher_data, tiny_model_dir):
+    from dynaplan.config import ConfigError
+    from dynaplan.train.sft import check_average_checkpoints, planned_checkpoint_steps, run_sft
+
+    with pytest.raises(ConfigError, match=r"sft.average_checkpoints=3 .* sft.save_total_limit=2"):
+        parse_params({"sft": {**TINY_SFT, "average_checkpoints": 3, "save_total_limit": 2}})
+    assert planned_checkpoint_steps(48, 8) == [8, 16, 24, 32, 40, 48] and planned_checkpoint_steps(5, 2) == [2, 4, 5]
+    check_average_checkpoints(parse_params({"sft": {**TINY_SFT, "average_checkpoints": 3, "save_total_limit": 3}}), 5)
+    params = parse_params({"sft": {**TINY_SFT, "average_checkpoints": 3, "save_total_limit": 3}})  # 4 steps, saves 2 and 4
+    with pytest.raises(SftInputError, match=r"a run of 4 optimizer steps with sft.save_steps=2 saves 2 \(\[2, 4\]\)"):
+        run_sft(params, "dynamic", _paths(teacher_data, tiny_model_dir))
+
+
+def test_stage_with_averaging_writes_the_averaged_adapter_and_measures_it(tmp_path, teacher_data, tiny_model_dir):
+    import shutil
+
+    from dynaplan.train.sft import ADAPTER_META, run_sft
+
+    root = tmp_path / "project"
+    shutil.copytree(teacher_data / "data", root / "data")
+    shutil.copytree(teacher_data / "reports", root / "reports")
+    params = parse_params({"sft": {**TINY_SFT, "average_checkpoints": 2}})
+    result = run_sft(params, "dynamic", _paths(root, tiny_model_dir))
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    meta = json.loads((result.adapter_dir / ADAPTER_META).read_text())
+    assert config["r"] == 2 * params.sft.lora.r and meta["averaged_steps"] == [2, 4] and meta["global_step"] == 4
+    assert result.metrics["averaged_checkpoints"] == 2 and result.global_step == 4
 
 
 # ---- resume after a kill --------------------------------------------------------------------------

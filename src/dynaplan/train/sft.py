@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -646,13 +647,57 @@ def _prepare_checkpoint_dir(checkpoint_dir: Path, fingerprint: str, base_dir: Pa
     return None
 
 
-def _write_adapter(trainer, tokenizer, out_dir: Path, meta: dict) -> Path:
+def planned_checkpoint_steps(total_steps: int, save_steps: int) -> list[int]:
+    """The steps the trainer saves a checkpoint at: every save_steps, and the last step."""
+    return sorted({*range(save_steps, total_steps + 1, save_steps), total_steps}) if total_steps > 0 else []
+
+
+def check_average_checkpoints(params: Params, total_steps: int) -> None:
+    """SftInputError before training when the run saves fewer checkpoints than it must average."""
+    n, save = params.sft.average_checkpoints, params.sft.save_steps
+    saved = planned_checkpoint_steps(total_steps, save)
+    if n > len(saved):
+        raise SftInputError(
+            f"sft.average_checkpoints={n} averages the last {n} checkpoints, but a run of {total_steps} optimizer steps "
+            f"with sft.save_steps={save} saves {len(saved)} ({saved}): lower sft.save_steps or sft.average_checkpoints"
+        )
+
+
+def average_checkpoints(model, checkpoint_dir: Path, count: int, final_step: int):
+    """A PeftModel on `model`'s base whose one adapter ("default") is the exact mean of the LoRA
+    weight deltas of the last `count` checkpoints up to `final_step`: PEFT's add_weighted_adapter
+    with combination 'cat' stacks their A (scaled) and B matrices into one adapter of rank
+    count x r, so its delta is sum_k w_k * scaling * B_k A_k with w_k = 1/count. Along a run whose
+    one-token decisions swing between checkpoints (README, SFT probes) the mean sits nearer
+    their centre than the last step does. Returns (model, the averaged steps)."""
+    from peft import PeftModel
+
+    steps = sorted(int(p.name.rsplit("-", 1)[-1]) for p in checkpoint_dir.glob("checkpoint-*")
+                   if (p / "adapter_model.safetensors").is_file())
+    chosen = [s for s in steps if s <= final_step][-count:]
+    if len(chosen) < count or chosen[-1] != final_step:
+        raise RuntimeError(
+            f"sft.average_checkpoints={count} needs the checkpoints of the last {count} saves up to step {final_step} "
+            f"in {checkpoint_dir}; found steps {steps}"
+        )
+    names = [f"step-{s}" for s in chosen]
+    averaged = PeftModel.from_pretrained(model.unload(), str(checkpoint_dir / f"checkpoint-{chosen[0]}"), adapter_name=names[0])
+    for step, name in zip(chosen[1:], names[1:]):
+        averaged.load_adapter(str(checkpoint_dir / f"checkpoint-{step}"), adapter_name=name)
+    averaged.add_weighted_adapter(names, [1.0 / count] * count, "default", combination_type="cat")
+    averaged.set_adapter("default")
+    for name in names:
+        averaged.delete_adapter(name)
+    return averaged, chosen
+
+
+def _write_adapter(model, tokenizer, out_dir: Path, meta: dict) -> Path:
     """The final adapter, tokenizer (chat template) and metadata, written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / "adapter"
     tmp = out_dir / f".adapter.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     if final.exists():
@@ -749,6 +794,10 @@ def run_sft(
         lr_decay_ratio=sft.lr_decay_ratio,
     )
 
+    if sft.average_checkpoints > 1:
+        batches = len(trainer.get_train_dataloader())
+        check_average_checkpoints(params, sft.max_steps if sft.max_steps > 0 else math.ceil(batches / sft.grad_accum) * sft.epochs)
+
     # 3. Train, resuming optimizer, scheduler, RNG and data order from the last checkpoint.
     started = time.perf_counter()
     with score_labelled_positions_only():
@@ -760,10 +809,13 @@ def run_sft(
         # Other ranks of `accelerate launch` only train their shard; rank 0 saves and measures.
         return SftResult(paths.out_dir / "adapter", {}, resumed_step, int(trainer.state.global_step),
                          data.dataset_digest, base_fp, 0.0)
-    adapter_dir = _write_adapter(trainer, tokenizer, paths.out_dir, {**meta, "global_step": trainer.state.global_step})
+    model, averaged_steps = trainer.model, None
+    if sft.average_checkpoints > 1:
+        model, averaged_steps = average_checkpoints(model, paths.checkpoint_dir, sft.average_checkpoints, int(trainer.state.global_step))
+    adapter_dir = _write_adapter(model, tokenizer, paths.out_dir, {**meta, "global_step": trainer.state.global_step,
+                                                                    **({"averaged_steps": averaged_steps} if averaged_steps else {})})
 
     # 4. Held-out metrics: the paper's SFT measurements.
-    model = trainer.model
     model.eval()
     metrics = heldout_metrics(model, tokenizer, data.heldout, params)
     metrics.update(
@@ -780,6 +832,7 @@ def run_sft(
             "train_tokens_per_second": trained_tokens / elapsed if elapsed > 0 else 0.0,
             "train_seconds": elapsed,
             "resumed_from_step": resumed_step if resumed_step is not None else -1,
+            "averaged_checkpoints": len(averaged_steps) if averaged_steps else 1,
         }
     )
     if log is not None:
@@ -968,7 +1021,8 @@ def sft_stage(params: Params, variant: str, paths: SftPaths, metrics_path: Path)
             variant=variant,
             base_model=params.model.base,
             dataset_digest=meta["dataset_digest"],
-            extra_tags={"global_step": str(step), "final": str(final).lower(), "base_fingerprint": meta["base_fingerprint"]},
+            extra_tags={"global_step": str(step), "final": str(final).lower(), "base_fingerprint": meta["base_fingerprint"],
+                        **({"averaged_steps": ",".join(map(str, meta["averaged_steps"]))} if meta.get("averaged_steps") else {})},
         )
         if metrics:
             tracking.set_version_metrics(version.version, metrics, prefix="sft.")
