@@ -749,6 +749,10 @@ def test_averaging_more_checkpoints_than_kept_or_saved_is_an_input_error(teacher
     params = parse_params({"sft": {**TINY_SFT, "average_checkpoints": 3, "save_total_limit": 3}})  # 4 steps, saves 2 and 4
     with pytest.raises(SftInputError, match=r"a run of 4 optimizer steps with sft.save_steps=2 saves 2 \(\[2, 4\]\)"):
         run_sft(params, "dynamic", _paths(teacher_data, tiny_model_dir))
+    # Without max_steps the run's length comes from the epochs (a float) and the batches.
+    params = parse_params({"sft": {**TINY_SFT, "max_steps": 0, "epochs": 1, "save_steps": 100, "average_checkpoints": 2}})
+    with pytest.raises(SftInputError, match=r"a run of \d+ optimizer steps with sft.save_steps=100 saves 1 \(\[\d+\]\)"):
+        run_sft(params, "dynamic", _paths(teacher_data, tiny_model_dir))
 
 
 def test_stage_with_averaging_writes_the_averaged_adapter_and_measures_it(tmp_path, teacher_data, tiny_model_dir):

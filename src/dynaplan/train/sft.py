@@ -795,8 +795,9 @@ def run_sft(
     )
 
     if sft.average_checkpoints > 1:
-        batches = len(trainer.get_train_dataloader())
-        check_average_checkpoints(params, sft.max_steps if sft.max_steps > 0 else math.ceil(batches / sft.grad_accum) * sft.epochs)
+        # the Trainer's own count: optimizer steps per epoch (a short last accumulation counts) x epochs
+        per_epoch = max(math.ceil(len(trainer.get_train_dataloader()) / sft.grad_accum), 1)
+        check_average_checkpoints(params, sft.max_steps if sft.max_steps > 0 else math.ceil(sft.epochs * per_epoch))
 
     # 3. Train, resuming optimizer, scheduler, RNG and data order from the last checkpoint.
     started = time.perf_counter()
