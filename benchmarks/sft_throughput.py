@@ -194,7 +194,7 @@ def main() -> int:
         stage_rows = sample_train_rows(train_rows, sft.max_train_examples or len(train_rows), sft.seed, sft.plan_share)
         stage = build_examples(stage_rows, "dynamic")
         order = env_batches(stage, sft.batch_size, sft.seed, token_lengths(tokenizer, stage), window=sft.length_group_batches,
-                            balance_plans=sft.balance_plan_batches)
+                            balance_plans=sft.balance_plan_batches, plan_tolerance=sft.plan_batch_tolerance)
         print(f"non-padding share over one epoch of the sft stage's batches ({len(stage)} examples, dynamic): "
               f"{epoch_padding(order, tokenizer, sft.batch_size):.1%} (target >= 90%)")
 

@@ -175,6 +175,36 @@ def test_balanced_env_batches_give_every_batch_its_share_of_plan_steps():
     assert env_batches(examples, 8, seed=1, lengths=lengths, balance_plans=True) != balanced
 
 
+def test_a_plan_tolerance_trades_exact_balance_for_less_padding():
+    """sft.plan_batch_tolerance: a batch may hold its share of plan steps +-1, so the length sort
+    keeps rows of like length together; no batch goes outside that range, every example stays."""
+    from dynaplan.train.sft_data import SftExample, env_batches
+
+    def example(env: str, i: int, planned: bool) -> SftExample:
+        return SftExample(prompt=[], completion=f"{env}{i}", episode_id=env, env=env, step=i, action="noop", planned=planned)
+
+    # 67 crafter steps (every 4th a plan: 17) and 13 pogs steps (4 plans): neither fills whole batches
+    examples = [example(env, i, i % 4 == 0) for env, n in (("crafter", 67), ("pogs", 13)) for i in range(n)]
+    rng = np.random.default_rng(0)
+    lengths = [int(rng.integers(200, 600)) for _ in examples]
+    size = {id(ex): n for ex, n in zip(examples, lengths)}
+    padding = lambda order: sum(
+        max(size[id(e)] for e in order[i : i + 8]) * len(order[i : i + 8]) - sum(size[id(e)] for e in order[i : i + 8])
+        for i in range(0, len(order), 8)
+    )
+    exact = env_batches(examples, 8, seed=0, lengths=lengths, balance_plans=True)
+    loose = env_batches(examples, 8, seed=0, lengths=lengths, balance_plans=True, plan_tolerance=1)
+    for order in (exact, loose):
+        assert sorted(map(id, order)) == sorted(map(id, examples))
+    batches = lambda order: [order[i : i + 8] for i in range(0, len(order), 8)]
+    one_env = lambda order: [b for b in batches(order) if len({e.env for e in b}) == 1 and len(b) == 8]
+    # 8 crafter and 1 pogs batch of one env; the 3 + 5 rows left over make one mixed batch
+    assert len(one_env(exact)) == len(one_env(loose)) == 9 and len(batches(loose)) == 10
+    crafter = lambda order: [sum(e.planned for e in b) for b in one_env(order) if b[0].env == "crafter"]
+    assert crafter(exact) == [2] * 8 and set(crafter(loose)) <= {1, 2, 3} and crafter(loose) != crafter(exact)
+    assert padding(loose) < padding(exact)
+
+
 def test_shared_prefix_loss_equals_trls_loss_and_gradients(teacher_data, tiny_model_dir, monkeypatch):
     """The SFT loss that runs a batch's common system prompt once gives TRL's own loss, LoRA
     gradients and logged metrics on the same collated batch."""

@@ -761,7 +761,7 @@ def run_sft(
         # so a resumed run skips exactly the batches it had trained on (make_config: sequential).
         train_examples = env_batches(
             data.train, sft.batch_size, sft.seed, lengths=lengths[: len(data.train)], window=sft.length_group_batches,
-            balance_plans=sft.balance_plan_batches and variant == "dynamic",
+            balance_plans=sft.balance_plan_batches and variant == "dynamic", plan_tolerance=sft.plan_batch_tolerance,
         )
     answer_tokens = [len(chat[id(ex)][1]) - len(chat[id(ex)][0]) for ex in train_examples]
     target_plans = [ex.completion.lstrip().startswith(PLAN_OPEN) for ex in train_examples]

@@ -191,16 +191,20 @@ def env_batches(
     lengths: Sequence[int] | None = None,
     window: int = 8,
     balance_plans: bool = False,
+    plan_tolerance: int = 0,
 ) -> list[SftExample]:
     """`examples` reordered so that consecutive runs of `batch_size` hold one env's steps (they
     share a system prompt), in a seeded random order of batches. Each env's steps are shuffled;
     with `lengths` (tokens per example), each run of `window` batches is sorted by length before
     it is cut, so a batch's rows need little padding (as transformers' LengthGroupedSampler
     does). With `balance_plans`, an env's plan steps (`planned`) and its other steps are
-    shuffled and length-sorted apart, then interleaved evenly, so every batch of the env holds
-    its share of plan steps (+-1) rather than whatever the shuffle and the length sort give.
-    Then the full batches are shuffled; only the batch where one env's list runs into the next
-    can mix envs. The same examples, lengths and seed give the same order."""
+    shuffled apart and interleaved evenly, so every run of `window` batches holds the env's
+    share of plan steps; each run is then sorted by length and cut into batches that hold
+    their share of its plan steps (rounded) +- `plan_tolerance` (see `_balanced_cut`), rather
+    than whatever the shuffle and the length sort give (0 to 5 of 8). The env's last rows that
+    do not fill a batch join the other envs' in the last batches (the only ones that can mix
+    envs). Then the full batches are shuffled. The same examples, lengths and seed give the
+    same order."""
     rng = np.random.default_rng(seed)
     size = {id(ex): n for ex, n in zip(examples, lengths)} if lengths is not None else None
 
@@ -211,21 +215,55 @@ def env_batches(
         return [ex for i in range(0, len(group), span) for ex in sorted(group[i : i + span], key=lambda e: -size[id(e)])]
 
     flat: list[SftExample] = []
+    tails: list[SftExample] = []  # balanced: each env's rows short of a full batch
     for env in sorted({ex.env for ex in examples}):
         group = [ex for ex in examples if ex.env == env]
         if not balance_plans:
             flat.extend(shuffled_runs(group, batch_size * window))
             continue
         plans = [ex for ex in group if ex.planned]
-        share = len(plans) / len(group)
-        # each class length-sorted over the span its share of `window` batches takes
-        plans = shuffled_runs(plans, max(1, round(batch_size * window * share)))
-        acts = shuffled_runs([ex for ex in group if not ex.planned], max(1, round(batch_size * window * (1 - share))))
+        acts = [ex for ex in group if not ex.planned]
+        plans, acts = [plans[i] for i in rng.permutation(len(plans))], [acts[i] for i in rng.permutation(len(acts))]
         # position j is a plan step when the running quota of plan steps, j * share, crosses an integer
         n, n_plans = len(group), len(plans)
         next_plan, next_act = iter(plans).__next__, iter(acts).__next__
-        flat.extend(next_plan() if (j + 1) * n_plans // n > j * n_plans // n else next_act() for j in range(n))
+        even = [next_plan() if (j + 1) * n_plans // n > j * n_plans // n else next_act() for j in range(n)]
+        whole = n // batch_size * batch_size
+        for start in range(0, whole, batch_size * window):
+            run = even[start : min(start + batch_size * window, whole)]
+            flat.extend(run if size is None else _balanced_cut(run, [size[id(ex)] for ex in run], batch_size, plan_tolerance))
+        tails.extend(even[whole:])
+    flat.extend(tails)
     full = len(flat) // batch_size
     batches = [flat[i * batch_size : (i + 1) * batch_size] for i in range(full)]
     # A short last batch stays last: anywhere else it would shift every batch after it.
     return [ex for b in rng.permutation(full) for ex in batches[b]] + flat[full * batch_size :]
+
+
+def _balanced_cut(run: Sequence[SftExample], lengths: Sequence[int], batch_size: int, tolerance: int) -> list[SftExample]:
+    """`run` (whole batches of one env) sorted by length, longest first, and cut into batches
+    in that order, each holding between floor(share x batch) - `tolerance` and ceil(share x
+    batch) + `tolerance` plan steps, `share` being the run's: a batch takes the plan steps among
+    the next `batch_size` rows when their count is in range, else the next plan steps or other
+    steps in length order instead, within what still leaves the later batches in range. At
+    tolerance 0 every batch holds the run's share; at 1 the rows of a batch differ less in length
+    (less padding), the plan decision's pull varying by one plan step a batch."""
+    order = sorted(range(len(run)), key=lambda i: -lengths[i])  # stable: ties keep the shuffle
+    batches = len(run) // batch_size
+    plans_left = sum(run[i].planned for i in order)
+    share = plans_left / len(run)
+    lo = max(0, math.floor(share * batch_size) - tolerance)
+    hi = min(batch_size, math.ceil(share * batch_size) + tolerance)
+    out: list[SftExample] = []
+    for b in range(batches):
+        rest = batches - b - 1
+        # in range, and the rest of the run's plan steps still fit the later batches' ranges
+        low, high = max(lo, plans_left - hi * rest), min(hi, plans_left - lo * rest)
+        take = min(max(sum(run[i].planned for i in order[:batch_size]), low), high)
+        plans = [i for i in order if run[i].planned][:take]
+        acts = [i for i in order if not run[i].planned][: batch_size - take]
+        chosen = set(plans + acts)
+        out.extend(run[i] for i in order if i in chosen)
+        order = [i for i in order if i not in chosen]
+        plans_left -= take
+    return out
