@@ -230,7 +230,7 @@ class SftParams(Section):
     )
     balance_plan_batches: bool = Field(
         True,
-        description="dynamic variant, shared-prefix batches: spread each env's plan steps evenly over its batches (every batch holds the env's share of them, +-1) instead of as the shuffle and the length grouping drop them (0 to 5 of 8 per batch). The plan decision then gets the same pull in every step. Measured (README, SFT probe (m)): held-out loss 0.745 against 1.019 without; P(open a plan) on held-out prompts still moves between 0.3% and 30% from one 8-step checkpoint to the next (up to 50% without) and ended at 17.5%, the loss's fixed point being 16%",
+        description="dynamic variant, shared-prefix batches: spread each env's plan steps evenly over its batches (every batch holds the env's share of them, +- plan_batch_tolerance) instead of as the shuffle and the length grouping drop them (0 to 5 of 8 per batch). The plan decision then gets the same pull in every step. Measured (README, SFT probe (m)): held-out loss 0.745 against 1.019 without; P(open a plan) on held-out prompts still moves between 0.3% and 30% from one 8-step checkpoint to the next (up to 50% without) and ended at 17.5%, the loss's fixed point being 16%",
     )
     plan_batch_tolerance: int = Field(
         1, ge=0,
